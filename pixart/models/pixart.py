@@ -1,0 +1,645 @@
+"""PixArt-α / PixArt-Σ diffusion transformers (DiT with adaLN-single and text cross-attention).
+
+Parameter names are the original PixArt checkpoint names (``blocks.3.attn.qkv.weight``...), so an
+original ``.pth`` loads by name; the diffusers layout is mapped to them in ``diffusers_to_original``.
+
+Shapes: N batch, C latent channels, H×W latent size, T = (H/p)(W/p) image tokens, D hidden size,
+L text tokens, E caption channels (4096 for T5-XXL).
+"""
+import json
+import math
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+from pixart.models.attention import mask_to_bias, resolve_backend, scaled_dot_product_attention
+from pixart.utils.checkpoint import load_into_cell, read_state_dict, to_tensor, unwrap_state_dict
+from pixart.utils.errors import CheckpointError, ConfigError
+
+# Published architectures; tests use small ones built from the same arguments.
+PRESETS = {
+    "PixArt-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+}
+# pe_interpolation by base image resolution (REFERENCE §1).
+PE_INTERPOLATION = {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0, 4096: 8.0}
+KV_COMPRESS_MODES = ("conv", "ave", "uniform")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation: x (N, T, D), shift/scale (N, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+def timestep_frequencies(dim, max_period=10000):
+    """(dim/2,) fp32 frequencies of the timestep sinusoid, computed on the host in float64:
+    MindSpore's CPU exp is only accurate to ~5e-6, which t≈1000 turns into 1e-3 errors."""
+    half = dim // 2
+    return ms.Tensor(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
+
+
+def timestep_embedding(t, freqs):
+    """Sinusoidal embedding (cos, sin) of t (N,) with ``timestep_frequencies`` -> (N, dim), fp32."""
+    args = t.astype(ms.float32).reshape(-1, 1) * freqs.reshape(1, -1)
+    return ops.concat([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+def sincos_pos_embed_2d(dim, grid_h, grid_w, base_size, pe_interpolation):
+    """2-D sin-cos position embedding for a (grid_h, grid_w) token grid -> (1, T, dim), fp32.
+
+    Coordinates are ``arange(n) / (n / base_size) / pe_interpolation``; the first half of the
+    channels encodes the column (w) coordinate and the second half the row (h), in row-major
+    token order, as the original PixArt and diffusers do.
+    """
+    ys = ops.arange(0, grid_h, dtype=ms.float32) / (grid_h / base_size) / pe_interpolation
+    xs = ops.arange(0, grid_w, dtype=ms.float32) / (grid_w / base_size) / pe_interpolation
+    quarter = dim // 4
+    omega = 1.0 / ops.pow(10000.0, ops.arange(0, quarter, dtype=ms.float32) / quarter)
+
+    def embed_1d(pos):  # (M,) -> (M, dim/2) as [sin, cos]
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return ops.concat([ops.sin(out), ops.cos(out)], axis=-1)
+
+    emb_w = ops.tile(embed_1d(xs).reshape(1, grid_w, dim // 2), (grid_h, 1, 1))
+    emb_h = ops.tile(embed_1d(ys).reshape(grid_h, 1, dim // 2), (1, grid_w, 1))
+    return ops.concat([emb_w, emb_h], axis=-1).reshape(1, grid_h * grid_w, dim)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis, computed in fp32; parameters named weight/bias like torch."""
+
+    def __init__(self, dim, eps=1e-6, affine=True):
+        super().__init__()
+        self.affine = affine
+        if affine:
+            self.weight = ms.Parameter(ms.Tensor(np.ones(dim, np.float32)), name="weight")
+            self.bias = ms.Parameter(ms.Tensor(np.zeros(dim, np.float32)), name="bias")
+        else:
+            self.ones = ms.Tensor(np.ones(dim, np.float32))
+            self.zeros = ms.Tensor(np.zeros(dim, np.float32))
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        gamma, beta = (self.weight.astype(ms.float32), self.bias.astype(ms.float32)) if self.affine \
+            else (self.ones, self.zeros)
+        y, _, _ = self.norm(x.astype(ms.float32), gamma, beta)
+        return y.astype(x.dtype)
+
+
+class Mlp(nn.Cell):
+    """fc1 -> tanh-GELU -> fc2: (..., in) -> (..., out)."""
+
+    def __init__(self, in_features, hidden_features, out_features):
+        super().__init__()
+        self.fc1 = nn.Dense(in_features, hidden_features)
+        self.fc2 = nn.Dense(hidden_features, out_features)
+
+    def construct(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate="tanh"))
+
+
+# ----------------------------------------------------------------------------- embedders
+
+
+class PatchEmbed(nn.Cell):
+    """(N, C, H, W) latents -> (N, T, D) patch tokens via a stride-p convolution."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, pad_mode="valid",
+                              has_bias=True)
+
+    def construct(self, x):
+        x = self.proj(x)  # (N, D, H/p, W/p)
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+
+
+class TimestepEmbedder(nn.Cell):
+    """Scalar timesteps (N,) -> (N, D): 256-d sinusoid, Linear, SiLU, Linear."""
+
+    def __init__(self, hidden_size, frequency_dim=256):
+        super().__init__()
+        self.freqs = timestep_frequencies(frequency_dim)
+        self.mlp = nn.SequentialCell(nn.Dense(frequency_dim, hidden_size), nn.SiLU(), nn.Dense(hidden_size, hidden_size))
+
+    def construct(self, t, dtype):
+        return self.mlp(timestep_embedding(t, self.freqs).astype(dtype))
+
+
+class SizeEmbedder(TimestepEmbedder):
+    """PixArt-α micro-condition: (N, K) sizes -> (N, K·D), each scalar embedded like a timestep."""
+
+    def construct(self, s, dtype):
+        batch = s.shape[0]
+        return super().construct(s.reshape(-1), dtype).reshape(batch, -1)
+
+
+class CaptionEmbedder(nn.Cell):
+    """T5 features (N, L, E) -> (N, L, D); holds the learned null caption for class dropout."""
+
+    def __init__(self, caption_channels, hidden_size, token_num):
+        super().__init__()
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
+        self.y_embedding = ms.Parameter(ms.Tensor(np.zeros((token_num, caption_channels), np.float32)),
+                                        name="y_embedding")
+
+    def construct(self, caption, drop_ids=None):
+        """drop_ids (N,) bool: captions replaced by the null caption (training-time CFG dropout)."""
+        if drop_ids is not None:
+            null = self.y_embedding.astype(caption.dtype).reshape(1, *self.y_embedding.shape)
+            caption = ops.where(drop_ids.reshape(-1, 1, 1), null, caption)
+        return self.y_proj(caption)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class SelfAttention(nn.Cell):
+    """Multi-head self-attention over image tokens with optional KV token compression.
+
+    KV compression (PixArt-Σ) shortens only K and V by ``scale`` along each grid axis, so the
+    output keeps all T tokens: ``conv`` is a depthwise stride-``scale`` convolution followed by an
+    affine LayerNorm, ``ave`` nearest-neighbour downsampling, ``uniform`` a strided slice.
+    """
+
+    def __init__(self, dim, num_heads, kv_compress=None, kv_scale=1, qk_norm=False, backend="math"):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Dense(dim, dim * 3)
+        self.proj = nn.Dense(dim, dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = LayerNorm(dim, eps=1e-5)
+            self.k_norm = LayerNorm(dim, eps=1e-5)
+        self.kv_compress = kv_compress if kv_scale > 1 else None
+        self.kv_scale = kv_scale
+        if self.kv_compress == "conv":
+            self.sr = nn.Conv2d(dim, dim, kv_scale, stride=kv_scale, group=dim, pad_mode="valid", has_bias=True)
+            self.norm = LayerNorm(dim, eps=1e-5)
+
+    def compress(self, x, grid_h, grid_w):
+        """(N, T, D) tokens on a grid_h×grid_w grid -> (N, T', D) fewer tokens."""
+        n, _, d = x.shape
+        s = self.kv_scale
+        if self.kv_compress == "conv":
+            x = x.transpose(0, 2, 1).reshape(n, d, grid_h, grid_w)
+            x = self.sr(x)
+            return self.norm(x.reshape(n, d, -1).transpose(0, 2, 1))
+        x = x.reshape(n, grid_h, grid_w, d)
+        if self.kv_compress == "ave":  # nearest: rows/cols i*s, floor(H/s) of them
+            x = x[:, : (grid_h // s) * s : s, : (grid_w // s) * s : s, :]
+        else:  # uniform
+            x = x[:, ::s, ::s, :]
+        return x.reshape(n, -1, d)
+
+    def construct(self, x, grid_h, grid_w):
+        n, t, d = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.kv_compress is not None:
+            k, v = self.compress(k, grid_h, grid_w), self.compress(v, grid_h, grid_w)
+        q = q.reshape(n, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(n, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(n, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        out = scaled_dot_product_attention(q, k, v, backend=self.backend)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(n, t, d))
+
+
+class CrossAttention(nn.Cell):
+    """Image tokens (N, T, D) attend to caption tokens (N, L, D); padded tokens masked by bias."""
+
+    def __init__(self, dim, num_heads, backend="math"):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.backend = backend
+        self.q_linear = nn.Dense(dim, dim)
+        self.kv_linear = nn.Dense(dim, dim * 2)
+        self.proj = nn.Dense(dim, dim)
+
+    def construct(self, x, y, bias):
+        n, t, d = x.shape
+        q = self.q_linear(x).reshape(n, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        kv = self.kv_linear(y).reshape(n, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv[:, :, 0].transpose(0, 2, 1, 3), kv[:, :, 1].transpose(0, 2, 1, 3)
+        out = scaled_dot_product_attention(q, k, v, bias=bias, backend=self.backend)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(n, t, d))
+
+
+# ----------------------------------------------------------------------------- block & final layer
+
+
+class PixArtBlock(nn.Cell):
+    """LN·modulate → self-attn ·gate; + cross-attn (no norm, no gate); LN·modulate → MLP ·gate."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, kv_compress=None, kv_scale=1, qk_norm=False,
+                 backend="math"):
+        super().__init__()
+        self.norm1 = LayerNorm(hidden_size, affine=False)
+        self.attn = SelfAttention(hidden_size, num_heads, kv_compress, kv_scale, qk_norm, backend)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, backend)
+        self.norm2 = LayerNorm(hidden_size, affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
+        self.scale_shift_table = ms.Parameter(ms.Tensor(np.zeros((6, hidden_size), np.float32)),
+                                              name="scale_shift_table")
+
+    def construct(self, x, y, text_bias, t0, grid_h, grid_w):
+        """x (N, T, D), y (N, L, D), text_bias (N, 1, 1, L), t0 (N, 6D) -> (N, T, D)."""
+        mod = self.scale_shift_table.reshape(1, 6, -1) + t0.reshape(t0.shape[0], 6, -1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid_h, grid_w)
+        x = x + self.cross_attn(x, y, text_bias)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Cell):
+    """LN·modulate (from the raw timestep embedding) → Linear to p·p·C_out per token."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden_size, affine=False)
+        self.linear = nn.Dense(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = ms.Parameter(ms.Tensor(np.zeros((2, hidden_size), np.float32)),
+                                              name="scale_shift_table")
+
+    def construct(self, x, t):
+        shift, scale = ops.split(self.scale_shift_table.reshape(1, 2, -1) + t.reshape(t.shape[0], 1, -1), 1, axis=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class PixArtMS(nn.Cell):
+    """PixArt diffusion transformer for any aspect ratio (the "MS" models).
+
+    Args:
+        input_size: latent side the model was trained at (image size / 8); sets ``base_size``.
+        pe_interpolation: position-embedding interpolation (256px 0.5, 512px 1, 1024px 2, ...).
+        model_max_length: text tokens of the null caption (300 for Σ, 120 for α).
+        learn_sigma: output 2·C channels (ε and the variance interpolation).
+        kv_compress_config: ``{"sampling": "conv"|"ave"|"uniform", "scale_factor": 2,
+            "kv_compress_layer": [14, ..., 27]}`` or None.
+        micro_condition: PixArt-α 1024-MS image-size and aspect-ratio embedders.
+        attention_backend: "auto", "math" or "flash" (see ``pixart.models.attention``).
+    """
+
+    fixed_grid = False
+
+    def __init__(self, input_size=128, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, caption_channels=4096, model_max_length=300, pe_interpolation=1.0,
+                 learn_sigma=True, kv_compress_config=None, qk_norm=False, micro_condition=False,
+                 attention_backend="auto", dtype=ms.float32):
+        super().__init__()
+        backend = resolve_backend(attention_backend)
+        kv = kv_compress_config or {}
+        kv_layers = set(kv.get("kv_compress_layer") or []) if kv.get("sampling") else set()
+        if kv.get("sampling") and kv["sampling"] not in KV_COMPRESS_MODES:
+            raise ConfigError(f"kv_compress sampling must be one of {KV_COMPRESS_MODES}, got {kv['sampling']!r}")
+        if hidden_size % num_heads:
+            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           caption_channels=caption_channels, model_max_length=model_max_length,
+                           pe_interpolation=pe_interpolation, learn_sigma=learn_sigma,
+                           kv_compress_config=kv_compress_config if kv_layers else None, qk_norm=qk_norm,
+                           micro_condition=micro_condition)
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.base_size = input_size // patch_size
+        self.pe_interpolation = float(pe_interpolation)
+        self.micro_condition = micro_condition
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.SequentialCell(nn.SiLU(), nn.Dense(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, model_max_length)
+        if micro_condition:
+            self.csize_embedder = SizeEmbedder(hidden_size // 3)
+            self.ar_embedder = SizeEmbedder(hidden_size // 3)
+        self.blocks = nn.CellList([
+            PixArtBlock(hidden_size, num_heads, mlp_ratio,
+                        kv.get("sampling") if i in kv_layers else None,
+                        kv.get("scale_factor", 1) if i in kv_layers else 1, qk_norm, backend)
+            for i in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+        if dtype != ms.float32:
+            self.to_dtype(dtype)
+
+    def initialize_weights(self, seed=0):
+        """Original PixArt init: xavier Linear/patch weights, N(0, 0.02) embedders, zeroed cross-attn
+        and output projections, tables N(0, 1/D); deterministic for a given seed."""
+        rng = np.random.default_rng(seed)
+        d = self.hidden_size
+
+        def set_(param, value):
+            param.set_data(to_tensor(value.astype(np.float32), param.dtype))
+
+        def xavier(shape):
+            fan_out, fan_in = shape[0], int(np.prod(shape[1:]))
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            return rng.uniform(-bound, bound, size=shape)
+
+        for name, param in self.parameters_and_names():
+            shape = tuple(param.shape)
+            if name.endswith(".bias"):
+                set_(param, np.zeros(shape))
+            elif name.endswith("scale_shift_table"):
+                set_(param, rng.standard_normal(shape) / math.sqrt(d))
+            elif name == "y_embedder.y_embedding":
+                set_(param, rng.standard_normal(shape) / math.sqrt(shape[1]))
+            elif name.endswith("norm.weight") or name.endswith("_norm.weight"):
+                set_(param, np.ones(shape))
+            elif name.endswith("attn.sr.weight"):
+                set_(param, np.full(shape, 1.0 / (shape[-1] * shape[-2])))  # starts as an average
+            elif name.startswith(("t_embedder.", "t_block.", "y_embedder.y_proj.", "csize_embedder.", "ar_embedder.")):
+                set_(param, rng.normal(0.0, 0.02, size=shape))
+            elif name.endswith("cross_attn.proj.weight") or name == "final_layer.linear.weight":
+                set_(param, np.zeros(shape))
+            else:  # Linear layers and the patch projection
+                set_(param, xavier(shape))
+
+    def to_dtype(self, dtype):
+        """Cast every parameter to ``dtype`` (norms and softmax still compute in fp32)."""
+        for _, param in self.parameters_and_names():
+            if param.dtype != dtype:
+                param.set_data(param.astype(dtype))
+        return self
+
+    @property
+    def dtype(self):
+        return self.x_embedder.proj.weight.dtype
+
+    def pos_embed(self, grid_h, grid_w):
+        return sincos_pos_embed_2d(self.hidden_size, grid_h, grid_w, self.base_size, self.pe_interpolation)
+
+    def unpatchify(self, x, grid_h, grid_w):
+        """(N, T, p·p·C) -> (N, C, H, W)."""
+        p, c = self.patch_size, self.out_channels
+        x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c).transpose(0, 5, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
+
+    def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None):
+        """Predict noise (and variance).
+
+        Args:
+            x: (N, C, H, W) noisy latents; H, W multiples of the patch size.
+            timestep: (N,) diffusion timesteps.
+            y: (N, L, E) caption features (or (N, 1, L, E) as the original code passes them).
+            mask: (N, L) 1 for real tokens, 0 for padding; None attends to all.
+            resolution: (N, 2) image (height, width) and aspect_ratio (N, 1): micro-conditions.
+            drop_ids: (N,) bool, replace those captions by the null caption (training).
+        Returns:
+            (N, C_out, H, W), C_out = 2C with learned sigma.
+        """
+        dtype = self.dtype
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
+            raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
+        x = self.x_embedder(x.astype(dtype)) + self.pos_embed(grid_h, grid_w).astype(dtype)
+        t = self.t_embedder(timestep, dtype)
+        if self.micro_condition:
+            t = t + ops.concat([self.csize_embedder(resolution, dtype), self.ar_embedder(aspect_ratio, dtype)], axis=1)
+        t0 = self.t_block(t)
+        if y.ndim == 4:
+            y = y.squeeze(1)
+        y = self.y_embedder(y.astype(dtype), drop_ids)
+        if mask is None:
+            text_bias = None
+        else:
+            text_bias = mask_to_bias(mask.reshape(mask.shape[0], -1))
+        for block in self.blocks:
+            x = block(x, y, text_bias, t0, grid_h, grid_w)
+        x = self.final_layer(x, t)
+        return self.unpatchify(x, grid_h, grid_w).astype(ms.float32)
+
+
+class PixArt(PixArtMS):
+    """PixArt on the fixed square token grid of its training size (the 256×256 models)."""
+
+    fixed_grid = True
+
+
+def PixArt_XL_2(**kwargs):
+    return PixArt(**PRESETS["PixArt-XL/2"], **kwargs)
+
+
+def PixArtMS_XL_2(**kwargs):
+    return PixArtMS(**PRESETS["PixArt-XL/2"], **kwargs)
+
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+
+# (diffusers prefix, original prefix); blocks are handled separately because q/k/v are fused.
+_DIFFUSERS_TOP = [
+    ("pos_embed.proj.", "x_embedder.proj."),
+    ("caption_projection.linear_1.", "y_embedder.y_proj.fc1."),
+    ("caption_projection.linear_2.", "y_embedder.y_proj.fc2."),
+    ("adaln_single.emb.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+    ("adaln_single.emb.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+    ("adaln_single.emb.resolution_embedder.linear_1.", "csize_embedder.mlp.0."),
+    ("adaln_single.emb.resolution_embedder.linear_2.", "csize_embedder.mlp.2."),
+    ("adaln_single.emb.aspect_ratio_embedder.linear_1.", "ar_embedder.mlp.0."),
+    ("adaln_single.emb.aspect_ratio_embedder.linear_2.", "ar_embedder.mlp.2."),
+    ("adaln_single.linear.", "t_block.1."),
+    ("proj_out.", "final_layer.linear."),
+    ("scale_shift_table", "final_layer.scale_shift_table"),
+]
+_DIFFUSERS_BLOCK = [
+    ("attn1.to_out.0.", "attn.proj."),
+    ("attn2.to_q.", "cross_attn.q_linear."),
+    ("attn2.to_out.0.", "cross_attn.proj."),
+    ("ff.net.0.proj.", "mlp.fc1."),
+    ("ff.net.2.", "mlp.fc2."),
+    ("scale_shift_table", "scale_shift_table"),
+]
+_FUSED = [(("attn1.to_q.", "attn1.to_k.", "attn1.to_v."), "attn.qkv."), (("attn2.to_k.", "attn2.to_v."), "cross_attn.kv_linear.")]
+
+
+def is_diffusers_layout(state):
+    return any(k.startswith(("transformer_blocks.", "adaln_single.")) for k in state)
+
+
+def _rename(key, table):
+    for src, dst in table:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def diffusers_to_original(state):
+    """diffusers PixArtTransformer2DModel keys -> original PixArt keys (q/k/v fused)."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith("transformer_blocks."):
+            _, idx, rest = key.split(".", 2)
+            if any(rest.startswith(p) for group, _ in _FUSED for p in group):
+                continue  # fused below
+            new = _rename(rest, _DIFFUSERS_BLOCK)
+            new = f"blocks.{idx}.{new}" if new else None
+        else:
+            new = _rename(key, _DIFFUSERS_TOP)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        for parts, target in _FUSED:
+            for leaf in ("weight", "bias"):
+                names = [f"transformer_blocks.{i}.{p}{leaf}" for p in parts]
+                if all(n in state for n in names):
+                    out[f"blocks.{i}.{target}{leaf}"] = np.concatenate([np.asarray(state[n]) for n in names], axis=0)
+    if unknown:
+        raise CheckpointError(f"unknown diffusers PixArt keys: {', '.join(unknown[:4])}")
+    return out
+
+
+def original_to_diffusers(state):
+    """Original PixArt keys -> diffusers keys; the null caption and pos_embed are not stored there."""
+    out = {}
+    for key, value in state.items():
+        if key in ("y_embedder.y_embedding", "pos_embed"):
+            continue
+        if key.startswith("blocks."):
+            _, idx, rest = key.split(".", 2)
+            fused = [(parts, t) for parts, t in _FUSED if rest.startswith(t)]
+            if fused:
+                parts, target = fused[0]
+                leaf = rest[len(target):]
+                for part, chunk in zip(parts, np.split(np.asarray(value), len(parts), axis=0)):
+                    out[f"transformer_blocks.{idx}.{part}{leaf}"] = chunk
+                continue
+            new = _rename(rest, [(o, d) for d, o in _DIFFUSERS_BLOCK])
+            if new is None:
+                raise CheckpointError(f"{key} has no diffusers equivalent (KV compression and qk-norm "
+                                      "weights exist only in the original layout)")
+            out[f"transformer_blocks.{idx}.{new}"] = value
+        else:
+            new = _rename(key, [(o, d) for d, o in _DIFFUSERS_TOP])
+            if new is None:
+                raise CheckpointError(f"{key} has no diffusers equivalent")
+            out[new] = value
+    return out
+
+
+def config_from_diffusers(cfg):
+    """diffusers transformer config.json -> PixArtMS keyword arguments."""
+    sample_size = cfg.get("sample_size", 128)
+    interpolation = cfg.get("interpolation_scale")
+    if interpolation is None:
+        interpolation = max(sample_size // 64, 1)
+    additional = cfg.get("use_additional_conditions")
+    if additional is None:
+        additional = sample_size == 128
+    heads, head_dim = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 72)
+    in_channels = cfg.get("in_channels", 4)
+    out_channels = cfg.get("out_channels") or in_channels
+    if cfg.get("cross_attention_dim", heads * head_dim) != heads * head_dim:
+        raise ConfigError("cross_attention_dim must equal num_attention_heads * attention_head_dim")
+    return dict(input_size=sample_size, patch_size=cfg.get("patch_size", 2), in_channels=in_channels,
+                hidden_size=heads * head_dim, depth=cfg.get("num_layers", 28), num_heads=heads,
+                caption_channels=cfg.get("caption_channels") or 4096, pe_interpolation=float(interpolation),
+                learn_sigma=out_channels == 2 * in_channels, micro_condition=bool(additional))
+
+
+def config_to_diffusers(config):
+    """PixArtMS keyword arguments -> diffusers transformer config.json."""
+    d, heads = config["hidden_size"], config["num_heads"]
+    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.35.2",
+            "num_attention_heads": heads, "attention_head_dim": d // heads, "in_channels": config["in_channels"],
+            "out_channels": config["in_channels"] * (2 if config["learn_sigma"] else 1),
+            "num_layers": config["depth"], "cross_attention_dim": d, "attention_bias": True,
+            "sample_size": config["input_size"], "patch_size": config["patch_size"],
+            "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+            "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": config["pe_interpolation"],
+            "use_additional_conditions": config["micro_condition"], "caption_channels": config["caption_channels"],
+            "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False, "attention_type": "default"}
+
+
+def infer_config(state):
+    """Architecture facts readable from original-layout weights (not num_heads, input_size, pe)."""
+    try:
+        hidden, in_channels, patch, _ = np.shape(state["x_embedder.proj.weight"])
+        out_features = np.shape(state["final_layer.linear.weight"])[0]
+        caption_channels = np.shape(state["y_embedder.y_proj.fc1.weight"])[1]
+    except KeyError as err:
+        raise CheckpointError(f"not a PixArt checkpoint: {err.args[0]} is missing") from None
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    kv_layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.") and ".attn.sr." in k})
+    config = dict(hidden_size=int(hidden), in_channels=int(in_channels), patch_size=int(patch), depth=depth,
+                  num_heads=max(int(hidden) // 72, 1), caption_channels=int(caption_channels),
+                  learn_sigma=out_features // (patch * patch) == 2 * in_channels,
+                  micro_condition="csize_embedder.mlp.0.weight" in state,
+                  qk_norm="blocks.0.attn.q_norm.weight" in state,
+                  mlp_ratio=np.shape(state["blocks.0.mlp.fc1.weight"])[0] / hidden if depth else 4.0)
+    if "y_embedder.y_embedding" in state:
+        config["model_max_length"] = int(np.shape(state["y_embedder.y_embedding"])[0])
+    if kv_layers:
+        scale = int(np.shape(state[f"blocks.{kv_layers[0]}.attn.sr.weight"])[-1])
+        config["kv_compress_config"] = {"sampling": "conv", "scale_factor": scale, "kv_compress_layer": kv_layers}
+    return config
+
+
+def load_pixart_state(path, use_ema=False):
+    """Read PixArt weights from a .ckpt/.pth/.safetensors file or a diffusers ``transformer/`` folder.
+
+    Returns ``(state, config)``: original-layout tensors (pos_embed dropped) and the architecture
+    arguments known from the source (a diffusers config.json, a .ckpt's stored config, or the keys).
+    """
+    raw = read_state_dict(path)
+    stored = raw.pop("pixart_config", None)
+    state = unwrap_state_dict(raw, prefer="ema" if use_ema else "state_dict")
+    state = {k: v for k, v in state.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
+    config = {}
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config_json = os.path.join(folder, "config.json")
+    if is_diffusers_layout(state):
+        state = diffusers_to_original(state)
+        if os.path.isfile(config_json):
+            with open(config_json) as f:
+                config.update(config_from_diffusers(json.load(f)))
+    state.pop("pos_embed", None)
+    config = {**infer_config(state), **config}
+    if stored is not None:
+        config.update(json.loads(str(stored)))
+    return state, config
+
+
+def build_pixart(config, **overrides):
+    """Construct a PixArtMS (or fixed-grid PixArt with ``fixed_grid=True``) from keyword arguments."""
+    kwargs = {**config, **overrides}
+    cls = PixArt if kwargs.pop("fixed_grid", False) else PixArtMS
+    return cls(**kwargs)
+
+
+def from_pretrained(path, use_ema=False, strict=True, **overrides):
+    """Build the model the weights describe and load them (any source ``load_pixart_state`` reads).
+
+    ``overrides`` set what the weights cannot tell (``input_size``, ``pe_interpolation``,
+    ``model_max_length``, ``dtype``, ``attention_backend``...). A source without the null caption
+    (diffusers) keeps the initialised one.
+    """
+    state, config = load_pixart_state(path, use_ema=use_ema)
+    model = build_pixart(config, **overrides)
+    if "y_embedder.y_embedding" not in state:
+        state["y_embedder.y_embedding"] = model.y_embedder.y_embedding.asnumpy()
+    load_into_cell(model, state, source=path, strict=strict)
+    return model
+
+
+def save_pixart_ckpt(model, path, extra=None):
+    """Save original-layout weights plus the architecture (as JSON) in a MindSpore .ckpt."""
+    from pixart.utils.checkpoint import save_ckpt
+
+    state = {name: param for name, param in model.parameters_and_names()}
+    save_ckpt(state, path, extra={"pixart_config": json.dumps(model.config), **(extra or {})})

@@ -1,0 +1,299 @@
+"""The MindSpore PixArt DiT reproduces diffusers' PixArtTransformer2DModel on the same weights."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+from diffusers import PixArtTransformer2DModel
+
+from pixart.models.pixart import (PixArt, PixArtMS, build_pixart, diffusers_to_original, from_pretrained,
+                                  load_pixart_state, save_pixart_ckpt)
+from pixart.utils.checkpoint import load_into_cell, read_state_dict
+from pixart.utils.errors import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADS, HEAD_DIM, CAPTION, TOKENS = 2, 8, 12, 6
+
+
+def tiny_diffusers(interpolation_scale=1.0, sample_size=8, micro=False, seed=0, heads=HEADS):
+    """A tiny random diffusers PixArt with every parameter non-zero (diffusers zero-inits some)."""
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=heads * HEAD_DIM, caption_channels=CAPTION, sample_size=sample_size, patch_size=2,
+        interpolation_scale=interpolation_scale, use_additional_conditions=micro, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        # N(0, 0.02) as PixArt initialises them: their 256 inputs sin/cos(t·f) carry the reference's own
+        # fp32 rounding at t≈1000 (~6e-5), which 0.3-scale weights would amplify past the tolerance.
+        emb = model.adaln_single.emb
+        for embedder in ("timestep_embedder", "resolution_embedder", "aspect_ratio_embedder"):
+            if hasattr(emb, embedder):
+                getattr(emb, embedder).linear_1.weight.normal_(0.0, 0.02)
+    return model
+
+
+def inputs(batch=2, h=8, w=8, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 4, h, w)).astype(np.float32)
+    t = np.array([999, 17, 500, 3][:batch], np.int64)
+    y = rng.standard_normal((batch, TOKENS, CAPTION)).astype(np.float32)
+    mask = np.ones((batch, TOKENS), np.int64)
+    mask[0, 2:] = 0  # first prompt is 2 tokens long, the second uses all
+    if batch > 2:
+        mask[2, 4:] = 0
+    return x, t, y, mask
+
+
+def torch_forward(model, x, t, y, mask, added=None):
+    with torch.no_grad():
+        out = model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(y), timestep=torch.from_numpy(t),
+                    encoder_attention_mask=torch.from_numpy(mask), added_cond_kwargs=added, return_dict=False)[0]
+    return out.numpy()
+
+
+def ms_forward(model, x, t, y, mask, **kw):
+    kw = {k: ms.Tensor(v) for k, v in kw.items()}
+    return model(ms.Tensor(x), ms.Tensor(t), ms.Tensor(y), ms.Tensor(mask), **kw).asnumpy()
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit") / "transformer"
+    tiny_diffusers().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (8, 12), (12, 6)])
+def test_square_and_non_square_match_diffusers(diffusers_folder, h, w):
+    ref_model = PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval()
+    model = from_pretrained(diffusers_folder)
+    x, t, y, mask = inputs(h=h, w=w)
+    ref = torch_forward(ref_model, x, t, y, mask)
+    out = ms_forward(model, x, t, y, mask)
+    assert out.shape == (2, 8, h, w)
+    assert np.abs(ref).mean() > 0.1  # a real signal, not zeros
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_text_mask_is_honoured(diffusers_folder):
+    """Padding tokens change nothing; different masks give different outputs for the same input."""
+    model = from_pretrained(diffusers_folder)
+    x, t, y, mask = inputs(batch=3)
+    out = ms_forward(model, x, t, y, mask)
+    y2 = y.copy()
+    y2[0, 2:] += 5.0  # only padded tokens of sample 0 change
+    np.testing.assert_allclose(ms_forward(model, x, t, y2, mask)[0], out[0], atol=1e-5)
+    ref = torch_forward(PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval(), x, t, y, mask)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_interpolation_scales(tmp_path, scale):
+    ref_model = tiny_diffusers(interpolation_scale=scale, seed=3)
+    ref_model.save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path))
+    assert model.pe_interpolation == scale
+    x, t, y, mask = inputs(h=8, w=16)
+    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref_model, x, t, y, mask),
+                               atol=1e-4, rtol=0)
+
+
+def test_micro_conditions_match_diffusers(tmp_path):
+    """PixArt-α 1024-MS: image size and aspect ratio embedded and added to the timestep."""
+    # hidden 24: the size embedders take hidden/3 each (2 sizes + 1 ratio = hidden)
+    ref_model = tiny_diffusers(sample_size=16, interpolation_scale=2.0, micro=True, seed=4, heads=3)
+    ref_model.save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path))
+    assert model.micro_condition
+    x, t, y, mask = inputs(h=16, w=8)
+    resolution = np.array([[1024.0, 512.0], [1024.0, 512.0]], np.float32)
+    ratio = np.array([[2.0], [2.0]], np.float32)
+    ref = torch_forward(ref_model, x, t, y, mask,
+                        added={"resolution": torch.from_numpy(resolution), "aspect_ratio": torch.from_numpy(ratio)})
+    out = ms_forward(model, x, t, y, mask, resolution=resolution, aspect_ratio=ratio)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_graph_mode_equals_pynative(diffusers_folder):
+    model = from_pretrained(diffusers_folder)
+    x, t, y, mask = inputs(h=8, w=12)
+    eager = ms_forward(model, x, t, y, mask)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    graph = ms_forward(model, x, t, y, mask)
+    np.testing.assert_allclose(graph, eager, atol=1e-6, rtol=0)
+
+
+def original_pth(folder, path, wrapper="state_dict"):
+    """Write diffusers weights as an original-layout training checkpoint (.pth) with a pos_embed buffer."""
+    state = read_state_dict(folder)
+    original = {k: torch.from_numpy(np.array(v)) for k, v in diffusers_to_original(state).items()}
+    original["pos_embed"] = torch.zeros(1, 16, HEADS * HEAD_DIM)
+    original["y_embedder.y_embedding"] = torch.randn(TOKENS, CAPTION)
+    torch.save({wrapper: original} if wrapper else original, path)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "ema", None])
+def test_original_pth_loads_and_matches(diffusers_folder, tmp_path, wrapper):
+    path = str(tmp_path / "PixArt-Sigma-XL-2-512-MS.pth")
+    original_pth(diffusers_folder, path, wrapper)
+    model = from_pretrained(path, use_ema=wrapper == "ema", num_heads=HEADS, input_size=8, pe_interpolation=1.0)
+    x, t, y, mask = inputs(h=8, w=12)
+    ref = torch_forward(PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval(), x, t, y, mask)
+    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), ref, atol=1e-4, rtol=0)
+
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_convert_pth_to_ckpt_to_diffusers_and_back_is_exact(diffusers_folder, tmp_path):
+    pth = str(tmp_path / "PixArt-Sigma-XL-2-512-MS.pth")
+    original_pth(diffusers_folder, pth)
+    ckpt, back, folder = str(tmp_path / "m.ckpt"), str(tmp_path / "back.ckpt"), str(tmp_path / "diffusers")
+    for args in (["--source", pth, "--target", ckpt, "--num_heads", str(HEADS)],
+                 ["--source", ckpt, "--target", folder, "--to", "diffusers"],
+                 ["--source", folder, "--target", back]):
+        result = run_convert(*args)
+        assert result.returncode == 0, result.stderr
+    first, _ = load_pixart_state(ckpt)
+    assert "pos_embed" not in first and "y_embedder.y_embedding" in first  # buffer dropped, null caption kept
+    second, config = load_pixart_state(back)
+    assert config["input_size"] == 64 and config["pe_interpolation"] == 1.0  # 512 from the file name
+    from tools.convert import image_size_from_name
+    assert [image_size_from_name(n) for n in ("PixArt-Sigma-XL-2-256x256.pth", "PixArt-Sigma-XL-2-1024-MS.pth",
+                                              "PixArt-Sigma-XL-2-2K-MS.pth", "PixArt-XL-2-512x512.pth", "x.pth")] \
+        == [256, 1024, 2048, 512, None]
+    assert set(second) == set(first) - {"y_embedder.y_embedding"}
+    for k in second:
+        np.testing.assert_array_equal(second[k], first[k])
+    # the diffusers folder written by --to diffusers is loadable by diffusers itself
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["num_layers"] == 2
+    ref = PixArtTransformer2DModel.from_pretrained(folder).eval()
+    x, t, y, mask = inputs()
+    model = from_pretrained(ckpt)  # architecture stored in the .ckpt
+    assert model.config["num_heads"] == HEADS
+    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref, x, t, y, mask), atol=1e-4)
+
+
+def test_convert_dtype_and_bad_input(diffusers_folder, tmp_path):
+    result = run_convert("--source", diffusers_folder, "--target", str(tmp_path / "h.ckpt"), "--dtype", "fp16")
+    assert result.returncode == 0, result.stderr
+    state, _ = load_pixart_state(str(tmp_path / "h.ckpt"))
+    assert all(v.dtype == np.float16 for v in state.values())
+    missing = run_convert("--source", str(tmp_path / "nope.pth"), "--target", str(tmp_path / "x.ckpt"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_wrong_weights_are_refused_with_a_list(diffusers_folder):
+    state, config = load_pixart_state(diffusers_folder)
+    model = build_pixart({**config, "depth": 3})
+    with pytest.raises(CheckpointError, match=r"16 missing \(y_embedder\.y_embedding, blocks\.2\."):
+        load_into_cell(model, state, source="x")
+    state["blocks.0.mlp.fc1.weight"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(CheckpointError, match=r"mis-shaped \(blocks\.0\.mlp\.fc1\.weight \(3, 3\)"):
+        load_into_cell(build_pixart(config), state, source="x")
+
+
+def test_fixed_grid_pixart_rejects_other_sizes(diffusers_folder):
+    state, config = load_pixart_state(diffusers_folder)
+    model = PixArt(**config)
+    x, t, y, mask = inputs(h=8, w=8)
+    assert ms_forward(model, x, t, y, mask).shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match="fixed grid"):
+        ms_forward(model, *inputs(h=8, w=12))
+
+
+# ----------------------------------------------------------------------------- KV compression
+
+
+def _np_layernorm(x, w, b, eps=1e-5):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _np_kv_attention(x, qkv_w, qkv_b, proj_w, proj_b, sr_w, sr_b, nw, nb, heads, gh, gw, mode, s):
+    """Independent numpy self-attention with compressed K/V on a gh×gw token grid."""
+    n, t, d = x.shape
+    qkv = x @ qkv_w.T + qkv_b
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+
+    def compress(z):
+        grid = z.reshape(n, gh, gw, d)
+        if mode == "conv":  # depthwise conv, kernel = stride = s, then affine LayerNorm
+            out = np.zeros((n, gh // s, gw // s, d))
+            for i in range(gh // s):
+                for j in range(gw // s):
+                    patch = grid[:, i * s:(i + 1) * s, j * s:(j + 1) * s, :]  # (n, s, s, d)
+                    out[:, i, j] = np.einsum("nabd,dab->nd", patch, sr_w[:, 0]) + sr_b
+            return _np_layernorm(out.reshape(n, -1, d), nw, nb)
+        if mode == "ave":
+            return grid[:, 0:(gh // s) * s:s, 0:(gw // s) * s:s].reshape(n, -1, d)
+        return grid[:, ::s, ::s].reshape(n, -1, d)
+
+    k, v = compress(k), compress(v)
+    hd = d // heads
+    split = lambda z: z.reshape(n, -1, heads, hd).transpose(0, 2, 1, 3)  # noqa: E731
+    scores = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(hd)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = (probs @ split(v)).transpose(0, 2, 1, 3).reshape(n, t, d)
+    return out @ proj_w.T + proj_b, k.shape[1]
+
+
+@pytest.mark.parametrize("mode,scale,gh,gw", [("conv", 2, 4, 6), ("ave", 2, 4, 6), ("uniform", 2, 6, 4),
+                                              ("conv", 3, 6, 3)])
+def test_kv_compression_matches_numpy(mode, scale, gh, gw):
+    model = PixArtMS(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=CAPTION,
+                     model_max_length=TOKENS, kv_compress_config={"sampling": mode, "scale_factor": scale,
+                                                                  "kv_compress_layer": [1]})
+    attn = model.blocks[1].attn
+    assert model.blocks[0].attn.kv_compress is None and attn.kv_compress == mode
+    rng = np.random.default_rng(7)
+    for _, p in attn.parameters_and_names():
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.5))
+    x = rng.standard_normal((2, gh * gw, 16)).astype(np.float32)
+    out = attn(ms.Tensor(x), gh, gw).asnumpy()
+    get = lambda name: getattr(attn, name).weight.asnumpy() if hasattr(attn, name) else None  # noqa: E731
+    bias = lambda name: getattr(attn, name).bias.asnumpy() if hasattr(attn, name) else None  # noqa: E731
+    ref, kept = _np_kv_attention(x, get("qkv"), bias("qkv"), get("proj"), bias("proj"), get("sr"), bias("sr"),
+                                 get("norm"), bias("norm"), 2, gh, gw, mode, scale)
+    assert kept < gh * gw and out.shape == x.shape
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_kv_conv_starts_as_average_and_loads_by_original_names(tmp_path):
+    kv = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1]}
+    model = PixArtMS(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=CAPTION,
+                     model_max_length=TOKENS, kv_compress_config=kv, qk_norm=True)
+    np.testing.assert_array_equal(model.blocks[1].attn.sr.weight.asnumpy(), np.full((16, 1, 2, 2), 0.25))
+    names = [n for n, _ in model.parameters_and_names()]
+    for name in ("blocks.1.attn.sr.weight", "blocks.1.attn.norm.weight", "blocks.1.attn.norm.bias",
+                 "blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias"):
+        assert name in names
+    for _, p in model.parameters_and_names():
+        p.set_data(ms.Tensor(np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.3))
+    save_pixart_ckpt(model, str(tmp_path / "kv.ckpt"))
+    loaded = from_pretrained(str(tmp_path / "kv.ckpt"))
+    assert loaded.config["kv_compress_config"] == kv and loaded.config["qk_norm"]
+    x, t, y, mask = inputs(h=8, w=8)
+    np.testing.assert_array_equal(ms_forward(loaded, x, t, y, mask), ms_forward(model, x, t, y, mask))
+
+
+@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16])
+def test_half_precision_parameters_run_on_cpu(diffusers_folder, dtype):
+    """Half-precision weights: same result as fp32 up to half-precision rounding."""
+    ref = ms_forward(from_pretrained(diffusers_folder), *inputs())
+    out = ms_forward(from_pretrained(diffusers_folder, dtype=dtype), *inputs())
+    assert out.dtype == np.float32
+    rel = np.abs(out - ref).max() / np.abs(ref).max()
+    assert rel < (0.02 if dtype == ms.float16 else 0.08), rel

@@ -1,0 +1,82 @@
+"""The one config parser: YAML files give defaults, the command line overrides them.
+
+Every entry point (sample.py, train.py, demo.py) declares its options once with argparse; a YAML
+file passed with ``-c`` may set any of those options by their long name. A YAML key that is not an
+option is an error that names it, so a typo never passes silently.
+"""
+import argparse
+import difflib
+import os
+import sys
+
+import yaml
+
+from pixart.utils.errors import ConfigError
+
+
+def str2bool(value):
+    """argparse type for ``--flag True|False`` (the form the seed README uses)."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see --help)`` and exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_yaml(path):
+    """Read a YAML mapping; a missing or malformed file is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def parse_args_with_config(parser, argv=None, config_flag="config"):
+    """Parse ``argv`` with YAML defaults from ``-c/--config``; unknown YAML keys raise ConfigError.
+
+    YAML values are checked with each option's own type and choices, like command-line values.
+    """
+    args = parser.parse_args(argv)
+    path = getattr(args, config_flag, None)
+    if not path:
+        return args
+    values = load_yaml(path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", config_flag)}
+    for key, value in values.items():
+        if key not in actions:
+            near = difflib.get_close_matches(key, actions, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"unknown key {key!r} in {path}{hint}")
+        values[key] = _check_value(actions[key], key, value, path)
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _check_value(action, key, value, path):
+    if value is None:
+        return None
+    try:
+        if action.type is not None and not isinstance(value, (list, dict)):
+            value = action.type(value) if not isinstance(value, bool) or action.type is str2bool else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise ConfigError(f"{key} in {path}: {err}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{key} in {path} must be one of {list(action.choices)}, got {value!r}")
+    return value

@@ -626,13 +626,17 @@ def from_pretrained(path, use_ema=False, strict=True, **overrides):
     """Build the model the weights describe and load them (any source ``load_pixart_state`` reads).
 
     ``overrides`` set what the weights cannot tell (``input_size``, ``pe_interpolation``,
-    ``model_max_length``, ``dtype``, ``attention_backend``...). A source without the null caption
-    (diffusers) keeps the initialised one.
+    ``model_max_length``, ``dtype``, ``attention_backend``...) or switch KV compression on
+    (``kv_compress_config``). A source without the null caption (diffusers) keeps the initialised
+    one; KV-compression layers the weights lack keep their initialisation (an average pool and an
+    identity LayerNorm), as the original code does with published non-KV weights.
     """
     state, config = load_pixart_state(path, use_ema=use_ema)
     model = build_pixart(config, **overrides)
-    if "y_embedder.y_embedding" not in state:
-        state["y_embedder.y_embedding"] = model.y_embedder.y_embedding.asnumpy()
+    for name, param in model.parameters_and_names():
+        is_kv = ".attn.sr." in name or ".attn.norm." in name
+        if name not in state and (is_kv or name == "y_embedder.y_embedding"):
+            state[name] = param.asnumpy()
     load_into_cell(model, state, source=path, strict=strict)
     return model
 

@@ -1,0 +1,321 @@
+"""Text-to-image pipelines for PixArt-Σ and PixArt-α, with the diffusers calling convention.
+
+    pipe = PixArtSigmaPipeline.from_pretrained("PixArt-Sigma-XL-2-1024-MS")   # diffusers folder
+    image = pipe("a small cactus with a happy face", seed=0).images[0]
+
+Components load lazily. With ``low_memory=True`` (the default) the T5 encoder is loaded, the
+prompts encoded and the encoder released before the denoiser loads, so the 4.7B-parameter T5 and
+the DiT are never in memory together.
+"""
+import gc
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+from tqdm.auto import tqdm
+
+from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
+from pixart.models.pixart import PE_INTERPOLATION
+from pixart.models.pixart import from_pretrained as load_transformer
+from pixart.samplers import DEFAULT_STEPS, build_sampler
+from pixart.utils.errors import CheckpointError, ConfigError
+
+SIGMA_COMPONENTS_REPO = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+
+
+@dataclass
+class PipelineOutput:
+    images: list = field(default_factory=list)
+
+
+class PixArtSigmaPipeline:
+    """PixArt-Σ: 300 text tokens, no micro-conditions.
+
+    Args:
+        transformer, vae, text_encoder: models, or zero-argument callables that load them (lazy).
+        tokenizer: a ``PromptTokenizer`` (or a callable returning one).
+        sampler: default sampling method ("dpm", "sa-solver", "ddim", "iddpm").
+        sampler_kwargs: extra arguments for ``build_sampler`` (e.g. ``eta`` for DDIM).
+        low_memory: release the text encoder after encoding and the denoiser before the text
+            encoder is loaded again.
+        mode: "graph" compiles the denoiser (the 20-100 step loop) with MindSpore's graph mode;
+            "pynative" runs it eagerly. T5 and the VAE run once per image and stay eager.
+    """
+
+    default_max_length = 300
+
+    def __init__(self, transformer, vae, tokenizer, text_encoder=None, sampler="dpm", sampler_kwargs=None,
+                 low_memory=True, schedule=None, mode="pynative"):
+        if mode not in ("graph", "pynative"):
+            raise ConfigError(f"mode must be graph or pynative, got {mode!r}")
+        self.mode = mode
+        components = {"transformer": transformer, "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder}
+        self._loaders = {k: v for k, v in components.items() if _is_loader(v)}
+        self._loaded = {k: v for k, v in components.items() if v is not None and not _is_loader(v)}
+        self.sampler_name = sampler
+        self.sampler_kwargs = dict(sampler_kwargs or {})
+        self.schedule = dict(schedule or {})  # num_train_timesteps / beta_* from scheduler_config.json
+        self.low_memory = low_memory
+
+    # ------------------------------------------------------------------ components
+
+    def _get(self, name):
+        if name not in self._loaded:
+            if name not in self._loaders:
+                raise ConfigError(f"this pipeline has no {name}; pass precomputed embeddings instead")
+            if name == "text_encoder" and self.low_memory:
+                self.release("transformer")  # T5 and the DiT are never loaded together
+            self._loaded[name] = self._loaders[name]()
+        return self._loaded[name]
+
+    def release(self, name):
+        """Free a component that was given as a loader; it is loaded again on next use."""
+        if name in self._loaders and self._loaded.pop(name, None) is not None:
+            gc.collect()
+        return self
+
+    @property
+    def transformer(self):
+        return self._get("transformer")
+
+    @property
+    def vae(self):
+        return self._get("vae")
+
+    @property
+    def tokenizer(self):
+        return self._get("tokenizer")
+
+    @property
+    def text_encoder(self):
+        return self._get("text_encoder")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
+                        attention_backend="auto", **kwargs):
+        """Build from a diffusers-format folder (model_index.json, transformer/, text_encoder/,
+        tokenizer/, vae/, scheduler/); the architecture is read from their configs."""
+        if not os.path.isdir(path):
+            raise CheckpointError(f"pipeline folder {path} does not exist")
+        for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                raise CheckpointError(f"{os.path.join(path, sub)} is missing: a diffusers PixArt folder has "
+                                      f"transformer/, text_encoder/, tokenizer/ and vae/ (see {SIGMA_COMPONENTS_REPO})")
+        schedule = {}
+        scheduler_json = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.isfile(scheduler_json):
+            with open(scheduler_json) as f:
+                cfg = json.load(f)
+            schedule = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in cfg}
+        return cls.from_components(os.path.join(path, "transformer"), os.path.join(path, "vae"),
+                                   os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer"),
+                                   dtype=dtype, text_encoder_dtype=text_encoder_dtype, vae_dtype=vae_dtype,
+                                   attention_backend=attention_backend, schedule=schedule, **kwargs)
+
+    @classmethod
+    def from_components(cls, checkpoint, vae_root, text_encoder_root, tokenizer_root, image_size=None,
+                        pe_interpolation=None, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
+                        attention_backend="auto", kv_compress_config=None, **kwargs):
+        """Build from the seed layout: a DiT checkpoint (.ckpt/.pth/.safetensors or transformer/
+        folder) plus vae/, text_encoder/ and tokenizer/ folders. ``image_size`` (256...4096) sets the
+        base resolution (and the Σ pe_interpolation for it; ``pe_interpolation`` overrides, e.g. 1.0
+        for PixArt-α 256/512)."""
+        from pixart.models.autoencoder_kl import AutoencoderKL
+        from pixart.models.t5 import T5Encoder
+        from pixart.models.tokenizer import PromptTokenizer
+
+        overrides = {"dtype": dtype, "attention_backend": attention_backend,
+                     "model_max_length": cls.default_max_length}
+        if image_size is not None:
+            if image_size not in PE_INTERPOLATION:
+                raise ConfigError(f"image_size must be one of {sorted(PE_INTERPOLATION)}, got {image_size}")
+            overrides.update(input_size=image_size // 8, pe_interpolation=PE_INTERPOLATION[image_size])
+        if pe_interpolation is not None:
+            overrides["pe_interpolation"] = float(pe_interpolation)
+        if kv_compress_config:
+            overrides["kv_compress_config"] = kv_compress_config
+
+        def transformer():
+            model = load_transformer(checkpoint, **overrides)
+            model.set_train(False)
+            return model
+
+        return cls(transformer=transformer,
+                   vae=lambda: AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype).set_train(False),
+                   tokenizer=lambda: PromptTokenizer.from_pretrained(tokenizer_root),
+                   text_encoder=lambda: T5Encoder.from_pretrained(text_encoder_root, dtype=text_encoder_dtype,
+                                                                 backend=attention_backend),
+                   **kwargs)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompt(self, prompt, negative_prompt="", do_classifier_free_guidance=True, num_images_per_prompt=1,
+                      max_sequence_length=None, clean_caption=True):
+        """prompt(s) -> (embeds (B, L, E), mask (B, L), negative embeds, negative mask), B = N·images.
+
+        The negative prompt gets its own attention mask (as diffusers; the original code reused the
+        prompt's). With ``low_memory`` the T5 encoder is released afterwards.
+        """
+        from pixart.models.tokenizer import encode_prompts
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        max_length = max_sequence_length or self.default_max_length
+        texts = prompts
+        if do_classifier_free_guidance:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+            texts = prompts + negatives
+        embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, texts, max_length=max_length,
+                                      clean_caption=clean_caption)
+        if self.low_memory:
+            self.release("text_encoder")
+        embeds, mask = embeds.astype(ms.float32), mask.astype(ms.int32)
+        repeat = lambda t: ops.repeat_interleave(t, num_images_per_prompt, axis=0)  # noqa: E731
+        n = len(prompts)
+        if not do_classifier_free_guidance:
+            return repeat(embeds), repeat(mask), None, None
+        return repeat(embeds[:n]), repeat(mask[:n]), repeat(embeds[n:]), repeat(mask[n:])
+
+    # ------------------------------------------------------------------ sampling
+
+    def generation_size(self, height=None, width=None, use_resolution_binning=True):
+        """The (height, width) images are generated at: the request (default: the model's base
+        resolution), or with binning the nearest aspect-ratio bin of the base resolution."""
+        model = self.transformer
+        base = model.base_size * model.patch_size * 8
+        height, width = height or base, width or base
+        if use_resolution_binning:
+            height, width = classify_height_width_bin(height, width, get_bins(base))
+        if height % 8 or width % 8 or height < 8 or width < 8:
+            raise ConfigError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        return int(height), int(width)
+
+    def micro_conditions(self, height, width, batch):
+        """PixArt-α 1024-MS: (resolution (B, 2), aspect ratio (B, 1)) of the generated size."""
+        return None, None
+
+    def prepare_latents(self, batch, height, width, latents, rng):
+        channels = self.transformer.in_channels
+        shape = (batch, channels, height // 8, width // 8)
+        if latents is None:
+            return ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+        latents = latents if isinstance(latents, ms.Tensor) else ms.Tensor(np.asarray(latents, np.float32))
+        if tuple(latents.shape) != shape:
+            raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return latents.astype(ms.float32)
+
+    def __call__(self, prompt=None, negative_prompt="", num_inference_steps=None, guidance_scale=4.5, height=None,
+                 width=None, num_images_per_prompt=1, seed=None, latents=None, prompt_embeds=None,
+                 prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None,
+                 use_resolution_binning=True, max_sequence_length=None, output_type="pil", callback=None,
+                 sampler=None, clean_caption=True, progress=True):
+        """Generate images.
+
+        Returns ``PipelineOutput(images)``: PIL images, (H, W, 3) float arrays in [0, 1] for
+        ``output_type="np"``, or the (N, C, H/8, W/8) latents for ``"latent"``.
+        """
+        sampler_name = sampler or self.sampler_name
+        steps = DEFAULT_STEPS[sampler_name] if num_inference_steps is None else num_inference_steps
+        if steps < 1:
+            raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ConfigError(f"output_type must be pil, np or latent, got {output_type!r}")
+        do_cfg = guidance_scale > 1.0
+
+        # 1. text features (before the denoiser loads)
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ConfigError("give a prompt or prompt_embeds")
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = \
+                self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt, max_sequence_length,
+                                   clean_caption)
+        else:
+            prompt_embeds, prompt_attention_mask = _as_tensor(prompt_embeds), _as_mask(prompt_attention_mask, prompt_embeds)
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    raise ConfigError("with guidance, precomputed prompt_embeds need negative_prompt_embeds")
+                negative_prompt_embeds = _as_tensor(negative_prompt_embeds)
+                negative_prompt_attention_mask = _as_mask(negative_prompt_attention_mask, negative_prompt_embeds)
+        batch = prompt_embeds.shape[0]
+
+        # 2. size: nearest aspect-ratio bin of the model's base resolution
+        model = self.transformer
+        requested = self.generation_size(height, width, use_resolution_binning=False)
+        height, width = self.generation_size(height, width, use_resolution_binning)
+
+        # 3. denoise
+        rng = np.random.default_rng(seed)
+        sampler_obj = build_sampler(sampler_name, steps, generator=np.random.default_rng(rng.integers(2**63)),
+                                    **self.schedule, **self.sampler_kwargs)
+        x = self.prepare_latents(batch, height, width, latents, rng) * sampler_obj.init_noise_sigma
+        y, y_mask = prompt_embeds, prompt_attention_mask
+        if do_cfg:  # unconditional first, as diffusers
+            y = ops.concat([negative_prompt_embeds, prompt_embeds], axis=0)
+            y_mask = ops.concat([negative_prompt_attention_mask, prompt_attention_mask], axis=0)
+        model_batch = batch * (2 if do_cfg else 1)
+        resolution, aspect = self.micro_conditions(height, width, model_batch)
+        timesteps = [ms.Tensor(np.full((model_batch,), t, np.int32)) for t in sampler_obj.timesteps]
+        channels = x.shape[1]
+        previous_mode = ms.get_context("mode")
+        ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
+        try:
+            for i, t in enumerate(tqdm(sampler_obj.timesteps, disable=not progress, desc="sampling")):
+                model_in = ops.concat([x, x], axis=0) if do_cfg else x
+                out = model(model_in, timesteps[i], y, y_mask, resolution, aspect) if resolution is not None \
+                    else model(model_in, timesteps[i], y, y_mask)
+                if do_cfg:
+                    uncond, cond = out[:batch], out[batch:]
+                    eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+                    out = ops.concat([eps, cond[:, channels:]], axis=1) if cond.shape[1] > channels else eps
+                x = sampler_obj.step(out, int(t), x)
+                if callback is not None:
+                    callback(i, int(t), x)
+        finally:
+            ms.set_context(mode=previous_mode)
+
+        if output_type == "latent":
+            return PipelineOutput(images=x)
+        # 4. decode, back to the requested size, to images
+        vae = self.vae
+        image = vae.decode(x / vae.scaling_factor).astype(ms.float32).asnumpy()
+        if (height, width) != requested:  # resize before clamping, as diffusers does
+            image = resize_and_crop_batch(image, *requested)
+        image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        if output_type == "np":
+            return PipelineOutput(images=list(image))
+        from PIL import Image
+        return PipelineOutput(images=[Image.fromarray((im * 255).round().astype(np.uint8)) for im in image])
+
+
+class PixArtAlphaPipeline(PixArtSigmaPipeline):
+    """PixArt-α: 120 text tokens; the 1024-MS model adds image-size micro-conditions."""
+
+    default_max_length = 120
+
+    def micro_conditions(self, height, width, batch):
+        if not self.transformer.micro_condition:
+            return None, None
+        resolution = ms.Tensor(np.tile(np.array([[height, width]], np.float32), (batch, 1)))
+        aspect = ms.Tensor(np.full((batch, 1), height / width, np.float32))
+        return resolution, aspect
+
+
+def _is_loader(value):
+    """A zero-argument callable that builds a component (a Cell is callable too, but is a model)."""
+    return callable(value) and not isinstance(value, ms.nn.Cell) and not hasattr(value, "tokenize")
+
+
+def _as_tensor(value):
+    return value.astype(ms.float32) if isinstance(value, ms.Tensor) else ms.Tensor(np.asarray(value, np.float32))
+
+
+def _as_mask(mask, embeds):
+    if mask is None:
+        return ops.ones(embeds.shape[:2], ms.int32)
+    return mask.astype(ms.int32) if isinstance(mask, ms.Tensor) else ms.Tensor(np.asarray(mask, np.int32))

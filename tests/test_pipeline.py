@@ -1,0 +1,109 @@
+"""End to end: our pipelines give diffusers' images on the same tiny weights and latents."""
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+
+from pixart import PixArtAlphaPipeline, PixArtSigmaPipeline
+from pixart.utils.errors import CheckpointError, ConfigError
+from tiny_models import make_pipeline_folder, seeded_latents
+
+PROMPTS = ["a small cactus with a happy face", "a red boat on the river at night"]
+TOLERANCE = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def sigma_folder(tmp_path_factory):
+    return make_pipeline_folder(tmp_path_factory.mktemp("sigma"), "sigma", sample_size=32)
+
+
+@pytest.fixture(scope="module")
+def alpha_folder(tmp_path_factory):
+    return make_pipeline_folder(tmp_path_factory.mktemp("alpha"), "alpha", sample_size=128)
+
+
+def reference_images(cls_name, folder, latents, **kwargs):
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = pipe(latents=torch.from_numpy(latents), use_resolution_binning=False, output_type="np", **kwargs)
+    return out.images
+
+
+@pytest.mark.parametrize("steps", [20])
+def test_sigma_matches_diffusers_non_square_batch_negative_prompt(sigma_folder, steps):
+    height, width = 64, 96
+    latents = seeded_latents((2, 4, height // 8, width // 8))
+    kwargs = dict(prompt=PROMPTS, negative_prompt="blurry, low quality", num_inference_steps=steps,
+                  height=height, width=width)
+    ref = reference_images("PixArtSigmaPipeline", sigma_folder, latents, **kwargs)
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    out = np.stack(pipe(latents=latents, use_resolution_binning=False, output_type="np", progress=False,
+                        **kwargs).images)
+    assert out.shape == ref.shape == (2, height, width, 3)
+    assert ref.std() > 0.05  # a real picture, not a constant
+    assert np.abs(out - ref).max() <= TOLERANCE
+
+
+def test_alpha_1024ms_micro_conditions_match_diffusers(alpha_folder):
+    height, width = 96, 64
+    latents = seeded_latents((1, 4, height // 8, width // 8), seed=1)
+    kwargs = dict(prompt=PROMPTS[:1], negative_prompt="", num_inference_steps=10, height=height, width=width)
+    ref = reference_images("PixArtAlphaPipeline", alpha_folder, latents, **kwargs)
+    pipe = PixArtAlphaPipeline.from_pretrained(str(alpha_folder))
+    assert pipe.transformer.micro_condition and pipe.default_max_length == 120
+    out = np.stack(pipe(latents=latents, use_resolution_binning=False, output_type="np", progress=False,
+                        **kwargs).images)
+    assert np.abs(out - ref).max() <= TOLERANCE
+
+
+def test_precomputed_embeddings_and_low_memory(sigma_folder):
+    """T5 is released after encoding and the DiT before T5 loads; embeddings can be passed in."""
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS[0], "", num_images_per_prompt=2)
+    assert embeds.shape == (2, 300, 32) and mask.shape == (2, 300)
+    assert "text_encoder" not in pipe._loaded
+    latents = seeded_latents((2, 4, 8, 8), seed=3)
+    size = dict(height=64, width=64, use_resolution_binning=False, num_inference_steps=4, output_type="np",
+                progress=False)
+    a = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+             negative_prompt_attention_mask=neg_mask, latents=latents, **size).images
+    assert "transformer" in pipe._loaded
+    b = pipe(PROMPTS[0], num_images_per_prompt=2, latents=latents, **size).images
+    assert "transformer" in pipe._loaded and "text_encoder" not in pipe._loaded
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "sa-solver", "ddim", "iddpm"])
+def test_every_sampler_runs_and_is_deterministic(sigma_folder, sampler):
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder), sampler=sampler)
+    run = lambda: pipe(PROMPTS[1], seed=7, num_inference_steps=3, height=64, width=64, output_type="np",  # noqa: E731
+                       progress=False, use_resolution_binning=False).images[0]
+    first, second = run(), run()
+    assert first.shape == (64, 64, 3)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_resolution_binning_returns_the_requested_size(sigma_folder):
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    steps = []
+    image = pipe(PROMPTS[0], seed=1, num_inference_steps=2, height=200, width=120, progress=False,
+                 callback=lambda i, t, x: steps.append((i, t, tuple(x.shape)))).images[0]
+    assert image.size == (120, 200)  # generated at the nearest 256-base bin, resized and cropped back
+    assert len(steps) == 2 and steps[0][2][2:] != (25, 15)  # latents were at the bin size
+
+
+def test_bad_input(sigma_folder, tmp_path):
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    with pytest.raises(ConfigError, match="at least 1"):
+        pipe(PROMPTS[0], num_inference_steps=0, height=64, width=64, use_resolution_binning=False)
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        pipe(PROMPTS[0], height=70, width=64, use_resolution_binning=False, num_inference_steps=1)
+    with pytest.raises(ConfigError, match="latents must have shape"):
+        pipe(PROMPTS[0], latents=np.zeros((1, 4, 3, 3), np.float32), height=64, width=64,
+             use_resolution_binning=False, num_inference_steps=1)
+    with pytest.raises(CheckpointError, match="transformer is missing"):
+        PixArtSigmaPipeline.from_pretrained(str(tmp_path))
+    assert ms.get_context("mode") == ms.PYNATIVE_MODE

@@ -1,0 +1,114 @@
+"""sample.py end to end on a tiny diffusers folder, and its one-line errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_models import make_pipeline_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_sample(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_pipeline_folder(tmp_path_factory.mktemp("pipe"), "sigma", sample_size=32)
+
+
+def test_writes_png_of_requested_size_with_metadata_and_is_deterministic(folder, tmp_path):
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        result = run_sample("--pretrained_path", folder, "--prompt", "a red car", "--negative_prompt", "blurry",
+                            "--image_width", 96, "--image_height", 64, "--seed", 3, "--sampling_steps", 2,
+                            "--output_path", out)
+        assert result.returncode == 0, result.stderr
+        outs.append(out / "00000.png")
+    image = Image.open(outs[0])
+    assert image.size == (96, 64)  # generated at the 256-base bin, resized and cropped back
+    assert image.text == {"prompt": "a red car", "negative_prompt": "blurry", "seed": "3", "steps": "2",
+                          "guidance_scale": "4.5", "sampler": "dpm", "size": "96x64", "model": folder.name}
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(outs[1])))
+    assert np.asarray(image).std() > 1.0
+
+
+def test_prompt_file_batches_grid_and_seed_layout(folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na boat on the river\n")
+    config = tmp_path / "tiny.yaml"  # the seed layout: a DiT checkpoint plus component folders
+    config.write_text(f"checkpoint: {folder}/transformer\nvae_root: {folder}/vae\n"
+                      f"text_encoder_root: {folder}/text_encoder\ntokenizer_root: {folder}/tokenizer\n"
+                      "sampling_method: ddim\nsampling_steps: 2\n")
+    out = tmp_path / "out"
+    result = run_sample("-c", config, "--prompt_path", prompts, "--num_images", 2, "--batch_size", 3,
+                        "--image_width", 64, "--image_height", 64, "--use_resolution_binning", "False",
+                        "--imagegrid", "True", "--mode", "pynative", "--output_path", out)
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(out))
+    assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
+    assert [Image.open(out / n).text["prompt"] for n in names[:4]] == ["a cat", "a cat", "a boat on the river",
+                                                                        "a boat on the river"]
+    assert Image.open(out / "00001.png").text["seed"] == "43" and Image.open(out / "00000.png").text["sampler"] == "ddim"
+    assert Image.open(out / "grid.png").size == (128, 128)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    result = run_sample("--checkpoint", tmp_path / "models/PixArt-Sigma-XL-2-1024-MS.ckpt", "--sampling_steps", 1)
+    assert result.returncode == 2
+    assert_one_line_error(result, "PixArt-Sigma-XL-2-1024-MS.pth", "python tools/convert.py --source")
+    (tmp_path / "m.ckpt").write_bytes(b"x")
+    result = run_sample("--checkpoint", tmp_path / "m.ckpt", "--vae_root", tmp_path / "vae")
+    assert result.returncode == 2
+    assert_one_line_error(result, "vae", "pixart_sigma_sdxlvae_T5_diffusers")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--image_width", "100"], "multiple of 8"),
+    (["--image_height", "99999"], "multiple of 8"),
+    (["--sampling_steps", "0"], "at least 1"),
+    (["-c", "configs/inference/nope.yaml"], "does not exist"),
+    (["--sampling_method", "euler"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line_errors(args, fragment):
+    assert_one_line_error(run_sample(*args), fragment)
+
+
+def test_empty_prompt_file_and_unknown_config_key(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert_one_line_error(run_sample("--prompt_path", empty), "has no prompts")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling_stepz: 3\n")
+    assert_one_line_error(run_sample("-c", bad), "unknown key 'sampling_stepz'", "sampling_steps")
+
+
+def test_shipped_configs_parse():
+    sys.path.insert(0, ROOT)
+    from sample import build_parser
+    from pixart.utils.config import parse_args_with_config
+
+    folder = os.path.join(ROOT, "configs", "inference")
+    names = sorted(os.listdir(folder))
+    assert names == sorted(f"{n}.yaml" for n in [
+        "pixart-sigma-256x256", "pixart-sigma-512-MS", "pixart-sigma-1024-MS", "pixart-sigma-2K-MS",
+        "pixart-sigma-2K-MS-KV-Compress", "pixart-sigma-4K-MS-KV-Compress", "pixart-alpha-256x256",
+        "pixart-alpha-512x512", "pixart-alpha-1024-MS"])
+    for name in names:
+        args = parse_args_with_config(build_parser(), ["-c", os.path.join(folder, name)])
+        assert args.checkpoint.startswith("models/") and args.image_size in (256, 512, 1024, 2048, 4096)
+        assert args.kv_compress == ("KV" in name)

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from pixart.models.attention import mask_to_bias, resolve_backend, scaled_dot_product_attention
+from pixart.models.layers import gelu_tanh
 from pixart.utils.checkpoint import load_into_cell, read_state_dict, to_tensor, unwrap_state_dict
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -31,8 +32,14 @@ KV_COMPRESS_MODES = ("conv", "ave", "uniform")
 
 
 def modulate(x, shift, scale):
-    """adaLN modulation: x (N, T, D), shift/scale (N, 1, D)."""
+    """adaLN modulation: x (N, T, D), shift/scale (N, T, D) (tiled: see ``expand_tokens``)."""
     return x * (1 + scale) + shift
+
+
+def expand_tokens(v, tokens):
+    """(N, 1, D) -> (N, T, D). Materialised because MindSpore's CPU kernels for broadcasting
+    binary ops are 5-20× slower than same-shape ones."""
+    return ops.tile(v, (1, tokens, 1))
 
 
 def timestep_frequencies(dim, max_period=10000):
@@ -99,7 +106,7 @@ class Mlp(nn.Cell):
         self.fc2 = nn.Dense(hidden_features, out_features)
 
     def construct(self, x):
-        return self.fc2(ops.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -199,8 +206,7 @@ class SelfAttention(nn.Cell):
 
     def construct(self, x, grid_h, grid_w):
         n, t, d = x.shape
-        qkv = self.qkv(x)
-        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        q, k, v = ops.split(self.qkv(x), d, axis=-1)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kv_compress is not None:
@@ -250,9 +256,10 @@ class PixArtBlock(nn.Cell):
                                               name="scale_shift_table")
 
     def construct(self, x, y, text_bias, t0, grid_h, grid_w):
-        """x (N, T, D), y (N, L, D), text_bias (N, 1, 1, L), t0 (N, 6D) -> (N, T, D)."""
+        """x (N, T, D), y (N, L, D), text_bias (N, H, T, L) or None, t0 (N, 6D) -> (N, T, D)."""
         mod = self.scale_shift_table.reshape(1, 6, -1) + t0.reshape(t0.shape[0], 6, -1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            expand_tokens(m, x.shape[1]) for m in ops.split(mod, 1, axis=1))
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid_h, grid_w)
         x = x + self.cross_attn(x, y, text_bias)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -270,7 +277,8 @@ class FinalLayer(nn.Cell):
                                               name="scale_shift_table")
 
     def construct(self, x, t):
-        shift, scale = ops.split(self.scale_shift_table.reshape(1, 2, -1) + t.reshape(t.shape[0], 1, -1), 1, axis=1)
+        mod = self.scale_shift_table.reshape(1, 2, -1) + t.reshape(t.shape[0], 1, -1)
+        shift, scale = (expand_tokens(m, x.shape[1]) for m in ops.split(mod, 1, axis=1))
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -415,8 +423,10 @@ class PixArtMS(nn.Cell):
         y = self.y_embedder(y.astype(dtype), drop_ids)
         if mask is None:
             text_bias = None
-        else:
-            text_bias = mask_to_bias(mask.reshape(mask.shape[0], -1))
+        else:  # expanded once here so the 28 blocks add it shape-for-shape (see expand_tokens)
+            bias = mask_to_bias(mask.reshape(mask.shape[0], -1))
+            heads = self.blocks[0].cross_attn.num_heads
+            text_bias = ops.broadcast_to(bias, (bias.shape[0], heads, x.shape[1], bias.shape[-1]))
         for block in self.blocks:
             x = block(x, y, text_bias, t0, grid_h, grid_w)
         x = self.final_layer(x, t)

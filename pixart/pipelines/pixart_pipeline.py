@@ -146,7 +146,7 @@ class PixArtSigmaPipeline:
             return model
 
         return cls(transformer=transformer,
-                   vae=lambda: AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype).set_train(False),
+                   vae=lambda: _tiled_vae(AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype)),
                    tokenizer=lambda: PromptTokenizer.from_pretrained(tokenizer_root),
                    text_encoder=lambda: T5Encoder.from_pretrained(text_encoder_root, dtype=text_encoder_dtype,
                                                                  backend=attention_backend),
@@ -304,6 +304,14 @@ class PixArtAlphaPipeline(PixArtSigmaPipeline):
         resolution = ms.Tensor(np.tile(np.array([[height, width]], np.float32), (batch, 1)))
         aspect = ms.Tensor(np.full((batch, 1), height / width, np.float32))
         return resolution, aspect
+
+
+def _tiled_vae(vae):
+    """Images larger than the VAE's own sample size (SDXL: 1024 px) decode in blended tiles, so
+    2K/4K decoding memory is bounded by the tile, not the image."""
+    vae.set_train(False)
+    vae.enable_tiling()
+    return vae
 
 
 def _is_loader(value):

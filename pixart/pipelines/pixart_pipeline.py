@@ -120,7 +120,7 @@ class PixArtSigmaPipeline:
     @classmethod
     def from_components(cls, checkpoint, vae_root, text_encoder_root, tokenizer_root, image_size=None,
                         pe_interpolation=None, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
-                        attention_backend="auto", kv_compress_config=None, **kwargs):
+                        attention_backend="auto", kv_compress_config=None, vae_tile_size=1024, **kwargs):
         """Build from the seed layout: a DiT checkpoint (.ckpt/.pth/.safetensors or transformer/
         folder) plus vae/, text_encoder/ and tokenizer/ folders. ``image_size`` (256...4096) sets the
         base resolution (and the Σ pe_interpolation for it; ``pe_interpolation`` overrides, e.g. 1.0
@@ -146,7 +146,7 @@ class PixArtSigmaPipeline:
             return model
 
         return cls(transformer=transformer,
-                   vae=lambda: _tiled_vae(AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype)),
+                   vae=lambda: _tiled_vae(AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype), vae_tile_size),
                    tokenizer=lambda: PromptTokenizer.from_pretrained(tokenizer_root),
                    text_encoder=lambda: T5Encoder.from_pretrained(text_encoder_root, dtype=text_encoder_dtype,
                                                                  backend=attention_backend),
@@ -306,11 +306,12 @@ class PixArtAlphaPipeline(PixArtSigmaPipeline):
         return resolution, aspect
 
 
-def _tiled_vae(vae):
-    """Images larger than the VAE's own sample size (SDXL: 1024 px) decode in blended tiles, so
-    2K/4K decoding memory is bounded by the tile, not the image."""
+def _tiled_vae(vae, tile_size):
+    """Images larger than ``tile_size`` px decode in blended tiles of that size, so 2K/4K decoding
+    memory is bounded by the tile (an untiled SDXL decode needs ~6 GiB at 1024², ~4× that at 2K);
+    up to ``tile_size`` the decode is untiled, exactly as diffusers'."""
     vae.set_train(False)
-    vae.enable_tiling()
+    vae.enable_tiling(tile_sample_min_size=tile_size)
     return vae
 
 

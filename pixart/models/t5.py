@@ -30,6 +30,7 @@ import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
+from pixart.models.layers import gelu_tanh
 from pixart.models.attention import mask_to_bias, resolve_backend, scaled_dot_product_attention
 from pixart.utils.checkpoint import find_weight_files, load_into_cell, read_safetensors, read_state_dict
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -109,14 +110,9 @@ class T5Config:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _gelu_tanh(x):
-    # transformers' "gelu_new" (NewGELUActivation), written out so it is the same formula.
-    return 0.5 * x * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * ops.pow(x, 3.0))))
-
-
 ACTIVATIONS = {
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": gelu_tanh,  # transformers' NewGELUActivation: the tanh approximation
+    "gelu_pytorch_tanh": gelu_tanh,
     "gelu": lambda x: 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0))),
     "relu": ops.relu,
     "silu": ops.silu,

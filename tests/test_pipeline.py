@@ -107,3 +107,31 @@ def test_bad_input(sigma_folder, tmp_path):
     with pytest.raises(CheckpointError, match="transformer is missing"):
         PixArtSigmaPipeline.from_pretrained(str(tmp_path))
     assert ms.get_context("mode") == ms.PYNATIVE_MODE
+
+
+@pytest.mark.parametrize("base", [256, 512, 1024, 2048, 4096])
+def test_every_resolution_bins_non_square_requests(base):
+    """Each base maps tall and wide requests to a bin the DiT can run: image sides multiples of 16
+    (8 VAE × 2 patch); at the KV-compression bases (2K, 4K) the token grid is even on both axes so
+    K/V halve exactly."""
+    from pixart.data.aspect_ratios import classify_height_width_bin, get_bins
+
+    bins = get_bins(base)
+    assert len(bins) == (40 if base >= 2048 else 33)
+    for h, w in [(base, base // 2), (base // 3 * 2, base), (base * 4, base), (base, base * 4)]:
+        bh, bw = classify_height_width_bin(h, w, bins)
+        assert (bh > bw) == (h > w)
+    multiple = 32 if base >= 2048 else 16
+    assert all(bh % multiple == 0 and bw % multiple == 0 for bh, bw in bins.values())
+
+
+def test_kv_compression_pipeline_non_square(sigma_folder):
+    """The KV configs on weights without KV layers: they start as an average pool, and a tall
+    request runs end to end at its bin."""
+    kv = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1]}
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder), kv_compress_config=kv)
+    attn = pipe.transformer.blocks[1].attn
+    assert attn.kv_compress == "conv" and pipe.transformer.blocks[0].attn.kv_compress is None
+    np.testing.assert_array_equal(attn.sr.weight.asnumpy(), np.full((16, 1, 2, 2), 0.25, np.float32))
+    image = pipe(PROMPTS[0], seed=2, num_inference_steps=2, height=256, width=128, progress=False).images[0]
+    assert image.size == (128, 256)

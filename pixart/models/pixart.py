@@ -232,8 +232,8 @@ class CrossAttention(nn.Cell):
     def construct(self, x, y, bias):
         n, t, d = x.shape
         q = self.q_linear(x).reshape(n, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        kv = self.kv_linear(y).reshape(n, -1, 2, self.num_heads, self.head_dim)
-        k, v = kv[:, :, 0].transpose(0, 2, 1, 3), kv[:, :, 1].transpose(0, 2, 1, 3)
+        k, v = (z.reshape(n, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+                for z in ops.split(self.kv_linear(y), d, axis=-1))
         out = scaled_dot_product_attention(q, k, v, bias=bias, backend=self.backend)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(n, t, d))
 

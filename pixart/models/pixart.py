@@ -304,7 +304,7 @@ class PixArtMS(nn.Cell):
     def __init__(self, input_size=128, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, caption_channels=4096, model_max_length=300, pe_interpolation=1.0,
                  learn_sigma=True, kv_compress_config=None, qk_norm=False, micro_condition=False,
-                 attention_backend="auto", dtype=ms.float32):
+                 attention_backend="auto", dtype=ms.float32, initialize=True):
         super().__init__()
         backend = resolve_backend(attention_backend)
         kv = kv_compress_config or {}
@@ -339,13 +339,15 @@ class PixArtMS(nn.Cell):
                         kv.get("scale_factor", 1) if i in kv_layers else 1, qk_norm, backend)
             for i in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        if initialize:  # skipped by from_pretrained, which overwrites the weights anyway
+            self.initialize_weights()
         if dtype != ms.float32:
             self.to_dtype(dtype)
 
-    def initialize_weights(self, seed=0):
+    def initialize_weights(self, seed=0, names=None):
         """Original PixArt init: xavier Linear/patch weights, N(0, 0.02) embedders, zeroed cross-attn
-        and output projections, tables N(0, 1/D); deterministic for a given seed."""
+        and output projections, tables N(0, 1/D); deterministic for a given seed. ``names``
+        limits it to those parameters."""
         rng = np.random.default_rng(seed)
         d = self.hidden_size
 
@@ -358,6 +360,8 @@ class PixArtMS(nn.Cell):
             return rng.uniform(-bound, bound, size=shape)
 
         for name, param in self.parameters_and_names():
+            if names is not None and name not in names:
+                continue
             shape = tuple(param.shape)
             if name.endswith(".bias"):
                 set_(param, np.zeros(shape))
@@ -642,10 +646,12 @@ def from_pretrained(path, use_ema=False, strict=True, **overrides):
     identity LayerNorm), as the original code does with published non-KV weights.
     """
     state, config = load_pixart_state(path, use_ema=use_ema)
-    model = build_pixart(config, **overrides)
+    model = build_pixart(config, initialize=False, **overrides)
+    initialise = {name for name, _ in model.parameters_and_names() if name not in state and
+                  (".attn.sr." in name or ".attn.norm." in name or name == "y_embedder.y_embedding")}
+    model.initialize_weights(names=initialise)
     for name, param in model.parameters_and_names():
-        is_kv = ".attn.sr." in name or ".attn.norm." in name
-        if name not in state and (is_kv or name == "y_embedder.y_embedding"):
+        if name in initialise:
             state[name] = param.asnumpy()
     load_into_cell(model, state, source=path, strict=strict)
     return model

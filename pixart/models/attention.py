@@ -14,7 +14,9 @@ import mindspore as ms
 from mindspore import ops
 
 BACKENDS = ("auto", "math", "flash")
-MASK_FILL = -1e9  # finite, so a fully-masked row gives a uniform softmax instead of NaN
+# Finite in fp16 too (max 65504): -1e9 becomes -inf there and 0·inf poisons kept tokens with NaN.
+# exp(-3e4) is exactly 0 in fp32, and a fully-masked row still gives a uniform softmax.
+MASK_FILL = -30000.0
 
 
 def resolve_backend(backend="auto"):

@@ -57,6 +57,8 @@ def build_parser():
     g.add_argument("--vae_root", default="models/vae")
     g.add_argument("--text_encoder_root", default="models/text_encoder")
     g.add_argument("--tokenizer_root", default="models/tokenizer")
+    g.add_argument("--lora", default=None, help="LoRA adapters saved by train.py --lora_rank, merged into the DiT")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA update (1 = as trained)")
     g.add_argument("--kv_compress", type=str2bool, default=False, help="KV token compression (PixArt-Σ 2K/4K)")
     g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"], default="conv")
     g.add_argument("--kv_compress_scale_factor", type=int, default=1)
@@ -196,6 +198,10 @@ def main(argv=None):
     check_args(args)
     prompts = read_prompts(args)
     check_weights(args)
+    lora = None
+    if args.lora:  # read (and checked) before any model loads
+        from pixart.train.lora import load_lora
+        lora = load_lora(args.lora)
     target = set_device(args)
     pipe, model_name = build_pipeline(args)
 
@@ -206,6 +212,10 @@ def main(argv=None):
     started = time.time()
     embeds, mask, neg, neg_mask = pipe.encode_prompt(texts, args.negative_prompt, do_cfg)
     logger.info("encoded %d prompt(s) in %.1fs", len(prompts), time.time() - started)
+    if lora is not None:  # T5 is released by now; this loads the DiT
+        from pixart.train.lora import merge_lora
+        merge_lora(pipe.transformer, lora, strength=args.lora_scale)
+        model_name += "+" + os.path.basename(args.lora)
     height, width = pipe.generation_size(args.image_height, args.image_width, args.use_resolution_binning)
     request = pipe.generation_size(args.image_height, args.image_width, use_resolution_binning=False)
     logger.info("generating %dx%d (requested %dx%d) on %s", width, height, request[1], request[0], target)

@@ -112,3 +112,26 @@ def test_shipped_configs_parse():
         args = parse_args_with_config(build_parser(), ["-c", os.path.join(folder, name)])
         assert args.checkpoint.startswith("models/") and args.image_size in (256, 512, 1024, 2048, 4096)
         assert args.kv_compress == ("KV" in name)
+
+
+def test_lora_is_merged_and_named(folder, tmp_path):
+    import mindspore as ms
+
+    from pixart.models.pixart import from_pretrained
+    from pixart.train.lora import inject_lora, lora_modules, save_lora
+
+    model = from_pretrained(str(folder / "transformer"))
+    inject_lora(model, rank=2, alpha=2)
+    rng = np.random.default_rng(0)
+    for module in lora_modules(model).values():  # a trained-looking update (B starts at zero)
+        module.lora_B.set_data(ms.Tensor(rng.standard_normal(module.lora_B.shape).astype(np.float32) * 0.5))
+    save_lora(model, str(tmp_path / "style.safetensors"))
+    common = ["--pretrained_path", folder, "--prompt", "a cat", "--image_width", 64, "--image_height", 64,
+              "--use_resolution_binning", "False", "--sampling_steps", 2, "--mode", "pynative"]
+    plain = run_sample(*common, "--output_path", tmp_path / "plain")
+    adapted = run_sample(*common, "--lora", tmp_path / "style.safetensors", "--output_path", tmp_path / "lora")
+    assert plain.returncode == 0 and adapted.returncode == 0, adapted.stderr
+    image = Image.open(tmp_path / "lora" / "00000.png")
+    assert image.text["model"] == f"{folder.name}+style.safetensors"
+    assert np.abs(np.asarray(image, np.float32) - np.asarray(Image.open(tmp_path / "plain" / "00000.png"))).max() > 5
+    assert_one_line_error(run_sample(*common, "--lora", tmp_path / "none.safetensors"), "none.safetensors does not exist")

@@ -45,3 +45,11 @@ def test_command_line_errors_are_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: argument --steps")
+
+
+def test_ignore_unknown_reads_a_foreign_config(tmp_path, caplog):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("steps: 5\nlearning_rate: 0.1\nsamplr: ddim\n")
+    args = parse_args_with_config(_parser(), ["-c", str(cfg)], ignore_unknown=True)
+    assert args.steps == 5 and args.sampler == "dpm"
+    assert "ignoring 'samplr'" in caplog.text and "learning_rate" not in caplog.text

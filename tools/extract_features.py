@@ -16,7 +16,6 @@ with other settings or other VAE/T5 weights is refused (``--overwrite True`` rec
 ``-c`` takes a training YAML: the keys below are read from it, its other (training) keys are
 ignored, with a warning for a key that looks like a misspelt one of these.
 """
-import difflib
 import gc
 import hashlib
 import json
@@ -36,7 +35,7 @@ from pixart.data.features import (CAPTION_SOURCES, FORMAT, FORMAT_VERSION, INDEX
                                   file_is_current, latent_file, latent_meta, text_file, text_meta, write_index,
                                   write_latent_file, write_text_file)
 from pixart.utils.checkpoint import save_safetensors  # noqa: E402
-from pixart.utils.config import ArgumentParser, _check_value, load_yaml, str2bool  # noqa: E402
+from pixart.utils.config import ArgumentParser, parse_args_with_config, str2bool  # noqa: E402
 from pixart.utils.errors import CheckpointError, ConfigError, run_cli  # noqa: E402
 
 logger = logging.getLogger("extract_features")
@@ -84,23 +83,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """Command line over the YAML's values for our options; the YAML's training keys are ignored."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.config:
-        return args
-    values = load_yaml(args.config)
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    ours = {}
-    for key, value in values.items():
-        if key in actions:
-            ours[key] = _check_value(actions[key], key, value, args.config)
-            continue
-        near = difflib.get_close_matches(key, actions, n=1, cutoff=0.85)
-        if near:
-            logger.warning("ignoring %r in %s (not used for feature extraction; did you mean %s?)",
-                           key, args.config, near[0])
-    parser.set_defaults(**ours)
-    return parser.parse_args(argv)
+    return parse_args_with_config(build_parser(), argv, ignore_unknown=True)
 
 
 def check_args(args):

@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from ..utils.checkpoint import _read_safetensors_header, read_safetensors, save_safetensors
+from ..utils.checkpoint import read_safetensors, read_safetensors_metadata, save_safetensors
 from ..utils.errors import ConfigError, PixArtError
 from .dataset import TrainDataset, bucket_of
 
@@ -126,10 +126,10 @@ def file_is_current(path, meta):
     if not os.path.isfile(path):
         return False
     try:
-        header, _ = _read_safetensors_header(path)
+        stored = read_safetensors_metadata(path)
     except (PixArtError, OSError):
         return False  # a damaged file is recomputed
-    return header.get("__metadata__") == {k: str(v) for k, v in meta.items()}
+    return stored == {k: str(v) for k, v in meta.items()}
 
 
 def write_latent_file(path, mean, std, meta):

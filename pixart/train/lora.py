@@ -32,7 +32,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from pixart.utils.checkpoint import (_read_safetensors_header, load_into_cell, read_state_dict, save_ckpt,
+from pixart.utils.checkpoint import (read_safetensors_metadata, load_into_cell, read_state_dict, save_ckpt,
                                      save_safetensors, to_tensor)
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -269,8 +269,7 @@ def load_lora(path):
     state = read_state_dict(path)
     raw_config = state.pop(_CONFIG_KEY, None)
     if path.endswith(".safetensors"):
-        header, _ = _read_safetensors_header(path)
-        raw_config = (header.get("__metadata__") or {}).get(_CONFIG_KEY)
+        raw_config = read_safetensors_metadata(path).get(_CONFIG_KEY)
     if raw_config is None:
         raise CheckpointError(f"{path} has no LoRA config ({_CONFIG_KEY}); it was not written by save_lora")
     try:

@@ -59,6 +59,12 @@ def _read_safetensors_header(path):
     return header, 8 + size
 
 
+def read_safetensors_metadata(path):
+    """The ``__metadata__`` strings of a .safetensors file ({} if none); reads only the header."""
+    header, _ = _read_safetensors_header(path)
+    return header.get("__metadata__") or {}
+
+
 def read_safetensors(path):
     """Memory-map a .safetensors file into ``{name: read-only numpy array}``."""
     header, data_start = _read_safetensors_header(path)

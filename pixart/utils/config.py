@@ -6,12 +6,15 @@ option is an error that names it, so a typo never passes silently.
 """
 import argparse
 import difflib
+import logging
 import os
 import sys
 
 import yaml
 
 from pixart.utils.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def str2bool(value):
@@ -48,10 +51,13 @@ def load_yaml(path):
     return data
 
 
-def parse_args_with_config(parser, argv=None, config_flag="config"):
+def parse_args_with_config(parser, argv=None, config_flag="config", ignore_unknown=False):
     """Parse ``argv`` with YAML defaults from ``-c/--config``; unknown YAML keys raise ConfigError.
 
     YAML values are checked with each option's own type and choices, like command-line values.
+    ``ignore_unknown`` lets a tool read a config written for another entry point (e.g. feature
+    extraction reading a training config): foreign keys are skipped, near-misses of its own
+    options still warned about.
     """
     args = parser.parse_args(argv)
     path = getattr(args, config_flag, None)
@@ -59,13 +65,20 @@ def parse_args_with_config(parser, argv=None, config_flag="config"):
         return args
     values = load_yaml(path)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", config_flag)}
+    ours = {}
     for key, value in values.items():
-        if key not in actions:
-            near = difflib.get_close_matches(key, actions, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ConfigError(f"unknown key {key!r} in {path}{hint}")
-        values[key] = _check_value(actions[key], key, value, path)
-    parser.set_defaults(**values)
+        if key in actions:
+            ours[key] = _check_value(actions[key], key, value, path)
+            continue
+        if ignore_unknown:
+            near = difflib.get_close_matches(key, actions, n=1, cutoff=0.85)
+            if near:
+                logger.warning("ignoring %r in %s (did you mean %s?)", key, path, near[0])
+            continue
+        near = difflib.get_close_matches(key, actions, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"unknown key {key!r} in {path}{hint}")
+    parser.set_defaults(**ours)
     return parser.parse_args(argv)
 
 

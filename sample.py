@@ -14,6 +14,7 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only, so our messages 
 import numpy as np  # noqa: E402
 
 from pixart.utils.config import ArgumentParser, parse_args_with_config, str2bool  # noqa: E402
+from pixart.utils.device import set_device  # noqa: E402
 from pixart.utils.errors import CheckpointError, ConfigError, run_cli  # noqa: E402
 
 DEFAULT_PROMPT = "A small cactus with a happy face in the Sahara desert."
@@ -121,20 +122,6 @@ def check_component_folders(args):
                                   f"there (PixArt-α uses the SD VAE and the same T5)")
 
 
-def set_device(args):
-    import mindspore as ms
-
-    target = args.device_target
-    if target is None:
-        target = next(t for t in ("Ascend", "GPU", "CPU") if t == "CPU" or ms.hal.is_available(t))
-    elif target != "CPU" and not ms.hal.is_available(target):
-        raise ConfigError(f"--device_target {target} is not available on this machine")
-    # The pipeline compiles the denoiser itself (--mode); everything else runs eagerly.
-    ms.set_device(target)
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    return target
-
-
 def check_weights(args):
     """Fail fast, before anything loads, when a weights path is missing."""
     if args.pretrained_path:
@@ -202,7 +189,7 @@ def main(argv=None):
     if args.lora:  # read (and checked) before any model loads
         from pixart.train.lora import load_lora
         lora = load_lora(args.lora)
-    target = set_device(args)
+    target = set_device(args.device_target)
     pipe, model_name = build_pipeline(args)
 
     # All prompts go through T5 at once; T5 is then released before the DiT loads.

@@ -17,13 +17,15 @@ import logging  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from sample import (DEFAULT_PROMPT, MAX_SIDE, build_parser as build_sample_parser, build_pipeline,  # noqa: E402
-                    check_args, check_weights, png_metadata, set_device)
+                    check_args, check_weights, png_metadata)
 from pixart.utils.config import parse_args_with_config, str2bool  # noqa: E402
+from pixart.utils.device import set_device  # noqa: E402
 from pixart.utils.errors import ConfigError, PixArtError, run_cli  # noqa: E402
 
 CUSTOM = "custom"
@@ -49,7 +51,7 @@ def build_parser():
     g.add_argument("--max_steps", type=int, default=200, help="the largest step count a request may ask for")
     g.add_argument("--low_memory", type=str2bool, default=False,
                    help="reload the text encoder for every request instead of keeping it in memory beside "
-                        "the DiT (for machines that cannot hold both: T5-XXL is ~19 GB in fp32)")
+                        "the DiT, for machines that cannot hold both (T5-XXL: 9.5 GB from bf16 files, 19 GB fp32)")
     return p
 
 
@@ -122,13 +124,18 @@ class Generator:
     def __init__(self, args):
         from pixart.data.aspect_ratios import get_bins
         from pixart.samplers import SAMPLERS
+        from pixart.train.lora import load_lora, merge_lora
 
         self.args = args
         started = time.time()
+        lora = load_lora(args.lora) if args.lora else None  # read before the models: a bad file fails fast
         self.pipe, self.model_name = build_pipeline(args)
         # Keep T5 beside the DiT, so that a request does not reload the text encoder.
         self.pipe.low_memory = args.low_memory
         self._load_components()
+        if lora is not None:  # as sample.py: merged into the loaded DiT, named in the PNG metadata
+            merge_lora(self.pipe.transformer, lora, strength=args.lora_scale)
+            self.model_name += "+" + os.path.basename(args.lora)
         self.base = self.pipe.transformer.base_size * self.pipe.transformer.patch_size * 8
         self.bins = get_bins(self.base)
         self.samplers = list(SAMPLERS)
@@ -230,7 +237,7 @@ def build_ui(gen):
                 with gr.Row():
                     sampler_box = gr.Dropdown(gen.samplers, value=sampler, label="Sampler", elem_id="sampler")
                     steps_box = gr.Slider(1, args.max_steps, step=1, label="Steps", elem_id="steps",
-                                          value=args.sampling_steps or DEFAULT_STEPS[sampler])
+                                          value=min(args.sampling_steps or DEFAULT_STEPS[sampler], args.max_steps))
                 guidance_box = gr.Slider(*GUIDANCE_RANGE, step=0.1, value=args.guidance_scale,
                                          label="Guidance scale", elem_id="guidance")
                 with gr.Row():
@@ -299,6 +306,8 @@ def require_gradio():
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
+    # gradio 6.17 still names a status code that Starlette 1.x renamed: one warning per request otherwise.
+    warnings.filterwarnings("ignore", message=".*HTTP_422_UNPROCESSABLE_ENTITY")
     args = parse_args_with_config(build_parser(), argv)
     check_args(args)
     require_gradio()
@@ -306,9 +315,13 @@ def main(argv=None):
         raise ConfigError("--max_steps must be from 1 to 1000 and --queue_size at least 1")
     if args.sampling_steps is not None and args.sampling_steps > args.max_steps:
         raise ConfigError(f"--sampling_steps {args.sampling_steps} is above --max_steps {args.max_steps}")
+    if args.lora and args.low_memory:  # low_memory reloads the DiT from its file, without the merged LoRA
+        raise ConfigError("--lora needs --low_memory False: the DiT stays loaded with the adapters merged")
     check_weights(args)
-    set_device(args)
+    set_device(args.device_target)
     gen = Generator(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: anyone who can reach this machine can use the demo", args.host)
     ui = build_ui(gen)
     ui.queue(max_size=args.queue_size, default_concurrency_limit=1)
     ui.launch(server_name=args.host, server_port=args.port, share=args.share, theme=offline_theme(),

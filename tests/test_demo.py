@@ -40,6 +40,18 @@ def test_parser_binds_localhost_by_default_and_reads_sample_configs():
     assert (args.sampling_method, args.sampling_steps, args.image_size) == ("dpm", 20, 1024)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--lora", "a.safetensors", "--low_memory", "True"], "--lora needs --low_memory False"),
+    (["--sampling_steps", "30", "--max_steps", "20"], "--sampling_steps 30 is above --max_steps 20"),
+])
+def test_conflicting_options_stop_before_loading(argv, message, tmp_path):
+    from demo import main
+    from pixart.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        main(["--pretrained_path", str(tmp_path), *argv])
+
+
 FORM = dict(prompt="a cat", negative_prompt="", size="256x256", width=96, height=64, sampler="dpm", steps=2,
             guidance_scale=4.5, seed=3, randomize_seed=False)
 

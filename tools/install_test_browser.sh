@@ -13,7 +13,7 @@ if ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium
 fi
-chromium --version
+chromium --version 2>/dev/null  # (Debian's launcher script may print a harmless shell warning on stderr)
 
 # pip skips what is already installed at the pinned version.
 python -m pip install -q -r requirements-demo.txt

@@ -20,7 +20,6 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 from sample import (DEFAULT_PROMPT, MAX_SIDE, build_parser as build_sample_parser, build_pipeline,  # noqa: E402
                     check_args, check_weights, png_metadata)
@@ -124,18 +123,12 @@ class Generator:
     def __init__(self, args):
         from pixart.data.aspect_ratios import get_bins
         from pixart.samplers import SAMPLERS
-        from pixart.train.lora import load_lora, merge_lora
-
         self.args = args
         started = time.time()
-        lora = load_lora(args.lora) if args.lora else None  # read before the models: a bad file fails fast
-        self.pipe, self.model_name = build_pipeline(args)
+        self.pipe, self.model_name = build_pipeline(args)  # merges --lora whenever the DiT loads
         # Keep T5 beside the DiT, so that a request does not reload the text encoder.
         self.pipe.low_memory = args.low_memory
         self._load_components()
-        if lora is not None:  # as sample.py: merged into the loaded DiT, named in the PNG metadata
-            merge_lora(self.pipe.transformer, lora, strength=args.lora_scale)
-            self.model_name += "+" + os.path.basename(args.lora)
         self.base = self.pipe.transformer.base_size * self.pipe.transformer.patch_size * 8
         self.bins = get_bins(self.base)
         self.samplers = list(SAMPLERS)
@@ -160,24 +153,14 @@ class Generator:
     def allowed_sizes(self):
         return {size_label(w, h) for h, w in self.bins.values()}
 
-    def sampler_kwargs(self, sampler):
-        # Only DDIM takes an option (eta); the pipeline passes sampler_kwargs to whichever sampler runs.
-        return {"eta": self.args.ddim_eta} if sampler == "ddim" else {}
-
-    def initial_latents(self, req):
-        """The starting noise exactly as sample.py draws it for its first image, so that a seed found
-        here gives the same picture with `sample.py --seed`."""
-        height, width = self.pipe.generation_size(req.height, req.width, self.args.use_resolution_binning)
-        shape = (1, self.pipe.transformer.in_channels, height // 8, width // 8)
-        return np.random.default_rng(req.seed).standard_normal(shape).astype(np.float32)
-
     def __call__(self, req, on_step=None):
         """One image for a checked Request: (PIL image, the metadata fields sample.py writes)."""
-        self.pipe.sampler_kwargs = self.sampler_kwargs(req.sampler)
+        # seed → the same starting noise sample.py uses for its first image, so seeds carry over
         out = self.pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
                         guidance_scale=req.guidance_scale, height=req.height, width=req.width, seed=req.seed,
-                        latents=self.initial_latents(req), use_resolution_binning=self.args.use_resolution_binning,
-                        output_type="pil", sampler=req.sampler, callback=on_step, progress=False)
+                        use_resolution_binning=self.args.use_resolution_binning, output_type="pil",
+                        sampler=req.sampler, sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None,
+                        callback=on_step, progress=False)
         image = out.images[0]
         fields = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
                       guidance_scale=req.guidance_scale, sampler=req.sampler,
@@ -315,8 +298,6 @@ def main(argv=None):
         raise ConfigError("--max_steps must be from 1 to 1000 and --queue_size at least 1")
     if args.sampling_steps is not None and args.sampling_steps > args.max_steps:
         raise ConfigError(f"--sampling_steps {args.sampling_steps} is above --max_steps {args.max_steps}")
-    if args.lora and args.low_memory:  # low_memory reloads the DiT from its file, without the merged LoRA
-        raise ConfigError("--lora needs --low_memory False: the DiT stays loaded with the adapters merged")
     check_weights(args)
     set_device(args.device_target)
     gen = Generator(args)

@@ -146,16 +146,21 @@ def build_pipeline(args):
     if args.kv_compress:
         kv = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
               "kv_compress_layer": list(args.kv_compress_layer)}
+    lora = None
+    if args.lora:  # read and checked before any model loads; merged whenever the DiT loads
+        from pixart.train.lora import load_lora
+        lora = load_lora(args.lora)
     common = dict(dtype=dtype, attention_backend=args.attention_backend, sampler=args.sampling_method, mode=args.mode,
                   sampler_kwargs={"eta": args.ddim_eta} if args.sampling_method == "ddim" else None)
+    lora_name = "+" + os.path.basename(args.lora) if args.lora else ""
     if args.pretrained_path:
-        pipe = cls.from_pretrained(args.pretrained_path, kv_compress_config=kv, **common)
-        return pipe, os.path.basename(os.path.normpath(args.pretrained_path))
-    checkpoint = args.checkpoint
-    pipe = cls.from_components(checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root,
+        pipe = cls.from_pretrained(args.pretrained_path, kv_compress_config=kv, lora=lora, lora_scale=args.lora_scale,
+                                   **common)
+        return pipe, os.path.basename(os.path.normpath(args.pretrained_path)) + lora_name
+    pipe = cls.from_components(args.checkpoint, args.vae_root, args.text_encoder_root, args.tokenizer_root,
                                image_size=args.image_size, pe_interpolation=args.pe_interpolation,
-                               kv_compress_config=kv, **common)
-    return pipe, os.path.basename(checkpoint)
+                               kv_compress_config=kv, lora=lora, lora_scale=args.lora_scale, **common)
+    return pipe, os.path.basename(args.checkpoint) + lora_name
 
 
 def png_metadata(**fields):
@@ -185,10 +190,6 @@ def main(argv=None):
     check_args(args)
     prompts = read_prompts(args)
     check_weights(args)
-    lora = None
-    if args.lora:  # read (and checked) before any model loads
-        from pixart.train.lora import load_lora
-        lora = load_lora(args.lora)
     target = set_device(args.device_target)
     pipe, model_name = build_pipeline(args)
 
@@ -199,10 +200,6 @@ def main(argv=None):
     started = time.time()
     embeds, mask, neg, neg_mask = pipe.encode_prompt(texts, args.negative_prompt, do_cfg)
     logger.info("encoded %d prompt(s) in %.1fs", len(prompts), time.time() - started)
-    if lora is not None:  # T5 is released by now; this loads the DiT
-        from pixart.train.lora import merge_lora
-        merge_lora(pipe.transformer, lora, strength=args.lora_scale)
-        model_name += "+" + os.path.basename(args.lora)
     height, width = pipe.generation_size(args.image_height, args.image_width, args.use_resolution_binning)
     request = pipe.generation_size(args.image_height, args.image_width, use_resolution_binning=False)
     logger.info("generating %dx%d (requested %dx%d) on %s", width, height, request[1], request[0], target)
@@ -212,12 +209,10 @@ def main(argv=None):
     steps = args.sampling_steps
     for start in range(0, len(jobs), args.batch_size):
         index = list(range(start, min(start + args.batch_size, len(jobs))))
-        # Image k gets its own seed, so results do not depend on the batch size.
-        latents = np.stack([np.random.default_rng(args.seed + k).standard_normal((4, height // 8, width // 8))
-                            for k in index]).astype(np.float32)
         pick = lambda t: None if t is None else t[index[0]:index[-1] + 1]  # noqa: E731
+        # Image k starts from seed + k (the pipeline seeds each image alone), whatever the batch size.
         out = pipe(prompt_embeds=pick(embeds), prompt_attention_mask=pick(mask), negative_prompt_embeds=pick(neg),
-                   negative_prompt_attention_mask=pick(neg_mask), latents=latents, seed=args.seed + index[0],
+                   negative_prompt_attention_mask=pick(neg_mask), seed=args.seed + index[0],
                    num_inference_steps=steps, guidance_scale=args.guidance_scale, height=args.image_height,
                    width=args.image_width, use_resolution_binning=args.use_resolution_binning)
         for k, image in zip(index, out.images):

@@ -41,7 +41,6 @@ def test_parser_binds_localhost_by_default_and_reads_sample_configs():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--lora", "a.safetensors", "--low_memory", "True"], "--lora needs --low_memory False"),
     (["--sampling_steps", "30", "--max_steps", "20"], "--sampling_steps 30 is above --max_steps 20"),
 ])
 def test_conflicting_options_stop_before_loading(argv, message, tmp_path):

@@ -120,11 +120,13 @@ class PixArtSigmaPipeline:
     @classmethod
     def from_components(cls, checkpoint, vae_root, text_encoder_root, tokenizer_root, image_size=None,
                         pe_interpolation=None, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
-                        attention_backend="auto", kv_compress_config=None, vae_tile_size=1024, **kwargs):
+                        attention_backend="auto", kv_compress_config=None, vae_tile_size=1024, lora=None,
+                        lora_scale=1.0, **kwargs):
         """Build from the seed layout: a DiT checkpoint (.ckpt/.pth/.safetensors or transformer/
         folder) plus vae/, text_encoder/ and tokenizer/ folders. ``image_size`` (256...4096) sets the
         base resolution (and the Σ pe_interpolation for it; ``pe_interpolation`` overrides, e.g. 1.0
-        for PixArt-α 256/512)."""
+        for PixArt-α 256/512). ``lora`` (a path or ``load_lora``'s result) is merged into the DiT
+        each time it loads, with ``lora_scale``."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -142,6 +144,9 @@ class PixArtSigmaPipeline:
 
         def transformer():
             model = load_transformer(checkpoint, **overrides)
+            if lora is not None:
+                from pixart.train.lora import merge_lora
+                merge_lora(model, lora, strength=lora_scale)
             model.set_train(False)
             return model
 
@@ -200,11 +205,11 @@ class PixArtSigmaPipeline:
         """PixArt-α 1024-MS: (resolution (B, 2), aspect ratio (B, 1)) of the generated size."""
         return None, None
 
-    def prepare_latents(self, batch, height, width, latents, rng):
+    def prepare_latents(self, batch, height, width, latents, seed):
         channels = self.transformer.in_channels
         shape = (batch, channels, height // 8, width // 8)
         if latents is None:
-            return ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+            return ms.Tensor(initial_latents(seed, batch, shape[1:]))
         latents = latents if isinstance(latents, ms.Tensor) else ms.Tensor(np.asarray(latents, np.float32))
         if tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -214,8 +219,12 @@ class PixArtSigmaPipeline:
                  width=None, num_images_per_prompt=1, seed=None, latents=None, prompt_embeds=None,
                  prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None,
                  use_resolution_binning=True, max_sequence_length=None, output_type="pil", callback=None,
-                 sampler=None, clean_caption=True, progress=True):
+                 sampler=None, sampler_kwargs=None, clean_caption=True, progress=True):
         """Generate images.
+
+        Image k of the batch starts from ``initial_latents(seed + k)`` (the noise sample.py uses
+        for its image k), unless ``latents`` are given. ``sampler`` / ``sampler_kwargs`` (e.g.
+        ``{"eta": 0.5}`` for DDIM) override the pipeline's default sampler for this call.
 
         Returns ``PipelineOutput(images)``: PIL images, (H, W, 3) float arrays in [0, 1] for
         ``output_type="np"``, or the (N, C, H/8, W/8) latents for ``"latent"``.
@@ -250,10 +259,12 @@ class PixArtSigmaPipeline:
         height, width = self.generation_size(height, width, use_resolution_binning)
 
         # 3. denoise
-        rng = np.random.default_rng(seed)
-        sampler_obj = build_sampler(sampler_name, steps, generator=np.random.default_rng(rng.integers(2**63)),
-                                    **self.schedule, **self.sampler_kwargs)
-        x = self.prepare_latents(batch, height, width, latents, rng) * sampler_obj.init_noise_sigma
+        options = dict(self.sampler_kwargs if sampler_name == self.sampler_name else {}, **(sampler_kwargs or {}))
+        noise_rng = np.random.default_rng(None if seed is None else [seed, 1])  # apart from the latents' streams
+        sampler_obj = build_sampler(sampler_name, steps, generator=noise_rng, **self.schedule, **options)
+        if latents is None and seed is None:
+            seed = int(np.random.default_rng().integers(2**31))
+        x = self.prepare_latents(batch, height, width, latents, seed) * sampler_obj.init_noise_sigma
         y, y_mask = prompt_embeds, prompt_attention_mask
         if do_cfg:  # unconditional first, as diffusers
             y = ops.concat([negative_prompt_embeds, prompt_embeds], axis=0)
@@ -304,6 +315,12 @@ class PixArtAlphaPipeline(PixArtSigmaPipeline):
         resolution = ms.Tensor(np.tile(np.array([[height, width]], np.float32), (batch, 1)))
         aspect = ms.Tensor(np.full((batch, 1), height / width, np.float32))
         return resolution, aspect
+
+
+def initial_latents(seed, count, shape):
+    """(count, *shape) fp32 starting noise; image k is drawn from its own ``default_rng(seed + k)``,
+    so an image does not depend on the batch it was generated in."""
+    return np.stack([np.random.default_rng(seed + k).standard_normal(shape) for k in range(count)]).astype(np.float32)
 
 
 def _tiled_vae(vae, tile_size):

@@ -120,9 +120,11 @@ def test_checkpoint_contents_and_keep_last_k(reference):
         assert "optimizer." + name + "_m" in state  # CAME's first moment of every weight
     assert int(np.ravel(state["optimizer.global_step"])[0]) == STEPS
     optimizer = {k for k in state if k.startswith("optimizer.")}
-    assert optimizer == {"optimizer." + k for k in trainer.optimizer_params}
+    assert optimizer == {"optimizer." + k for k in trainer.train_step.optimizer_params}
     assert int(state["step"]) == STEPS and int(state["epoch"]) == trainer.epoch
-    assert json.loads(state["data_state"]) == trainer.data_state == {**trainer.sampler.state_dict(), "epoch": 9, "consumed_batches": 2}
+    # The data position after step 10's batches (the loader thread has read further ahead).
+    assert json.loads(state["data_state"]) == trainer.data_state
+    assert trainer.data_state == {**trainer.sampler.state_dict(), "epoch": STEPS - 1, "consumed_batches": 2}
     # Class dropout trained the null caption (diffusers folders do not store it: it starts from the
     # model's initialisation), and the checkpoint has it.
     from pixart.models.pixart import from_pretrained
@@ -327,3 +329,107 @@ def test_check_args_fails_fast_with_one_line_errors(tmp_path):
     config.write_text("lerning_rate: 1\n")
     with pytest.raises(ConfigError, match="did you mean"):
         train.parse_args_with_config(train.build_parser(), ["-c", str(config)])
+
+
+# ----------------------------------------------------------------------------- cached features and LoRA
+
+
+def reference_features(tmp_path_factory):
+    """tools/extract_features.py over the reference images (once per session)."""
+    if "features" not in _CACHE:
+        from tools.extract_features import main as extract
+
+        pipe, data = reference_setup(tmp_path_factory)
+        folder = tmp_path_factory.getbasetemp() / "train_reference" / "features"
+        extract(["--json_path", str(data / "labels.json"), "--image_dir", str(data), "--feature_dir", str(folder),
+                 "--pretrained_path", str(pipe), "--image_size", "256", "--t5_max_length", "16",
+                 "--progress", "False"])
+        _CACHE["features"] = folder
+    return _CACHE["features"]
+
+
+def feature_argv(pipe, features, out, *extra):
+    """train_argv with the cached features instead of the images."""
+    argv = train_argv(pipe, features, out, *extra)
+    for flag in ("--json_path", "--image_dir"):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    return argv + ["--feature_dir", str(features)]
+
+
+def test_cached_features_train_exactly_like_images(reference, tmp_path, tmp_path_factory):
+    # Same latents (same posterior, same ε per record and epoch) and the same caption embeddings on
+    # the real tokens: the weights come out bit for bit as from the images, without T5 and the VAE.
+    _, ref_out = reference
+    pipe, _ = reference_setup(tmp_path_factory)
+    trainer = train.main(feature_argv(pipe, reference_features(tmp_path_factory), tmp_path / "out"))
+    assert trainer.vae is None and trainer.text_encoder is None  # only the validation prompts were encoded
+    for name in ("model.ckpt", "ema.ckpt"):
+        assert_same_arrays(read_state_dict(str(ref_out / "final" / name)),
+                           read_state_dict(str(tmp_path / "out" / "final" / name)))
+    assert (tmp_path / "out" / "samples" / "step-000005" / "00.png").exists()
+
+
+def test_lora_trains_and_saves_only_adapters(tmp_path, tmp_path_factory):
+    from pixart.models.pixart import from_pretrained
+    from pixart.train.lora import load_lora, merge_lora
+
+    pipe, _ = reference_setup(tmp_path_factory)
+    out = tmp_path / "lora"
+    argv = feature_argv(pipe, reference_features(tmp_path_factory), out, "--lora_rank", "4",
+                        "--lora_target_modules", "attn.qkv", "cross_attn.proj", "--visualize", "False")
+    argv[argv.index("--max_steps") + 1] = "3"
+    trainer = train.main(argv)
+
+    geometry = {k: trainer.model.config[k] for k in ("input_size", "pe_interpolation", "model_max_length")}
+    base = from_pretrained(str(pipe / "transformer"), **geometry)
+    trained = dict(trainer.model.parameters_and_names())
+    for name, param in base.parameters_and_names():  # base weights frozen (the null caption too)
+        np.testing.assert_array_equal(trained[name].asnumpy(), param.asnumpy(), err_msg=name)
+    state = read_state_dict(str(out / "checkpoints" / "step-000003.ckpt"))
+    adapters = sorted(n for n in trained if n.endswith((".lora_A", ".lora_B")))
+    assert len(adapters) == 2 * 2 * 2  # 2 blocks × 2 layers × (A, B)
+    weights = sorted(k for k in state if not k.startswith(("ema.", "optimizer.", "train.")) and
+                     isinstance(state[k], np.ndarray) and k not in ("step", "epoch", "format_version"))
+    assert weights == sorted(adapters + ["y_embedder.y_embedding"])
+    assert sorted(k[4:] for k in state if k.startswith("ema.")) == adapters
+
+    lora, config = load_lora(str(out / "final" / "lora.safetensors"))
+    assert config["rank"] == 4 and sorted(lora) == adapters
+    assert any(np.abs(lora[n]).max() > 0 for n in adapters if n.endswith("lora_B"))  # B moved from zero
+    load_lora(str(out / "final" / "lora_ema.safetensors"))
+    merge_lora(base, str(out / "final" / "lora.safetensors"))  # what sample.py --lora does
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((1, 4, 16, 16)).astype(np.float32))
+    t = ms.Tensor(np.array([500], np.int32))
+    y = ms.Tensor(rng.standard_normal((1, 16, 32)).astype(np.float32))
+    np.testing.assert_allclose(base(x, t, y).asnumpy(), trainer.model(x, t, y).asnumpy(), atol=1e-5)
+
+
+def test_recompute_gives_the_same_gradients_in_graph_mode():
+    """--recompute (cell.recompute() on each block) runs on CPU in the compiled train graph and
+    changes memory, not numbers."""
+    from pixart.models.pixart import build_pixart
+    from pixart.samplers import IDDPMSampler
+    from pixart.train.step import DiffusionLoss, ForwardBackward, LossScaler, draw_step_noise
+
+    rng = np.random.default_rng(0)
+    draws = draw_step_noise(0, 0, 0, 2, (4, 8, 8), drop_prob=0.5)
+    inputs = (ms.Tensor(rng.standard_normal((2, 4, 8, 8)).astype(np.float32)),
+              ms.Tensor(rng.standard_normal((2, 6, 8)).astype(np.float32)), ms.Tensor(np.ones((2, 6), np.int32)),
+              ms.Tensor(draws["t"]), ms.Tensor(draws["noise"]), ms.Tensor(draws["drop_ids"]),
+              ms.Tensor(np.ones((2, 2), np.float32)), ms.Tensor(np.ones((2, 1), np.float32)))
+    results = []
+    for recompute in (False, True):
+        model = build_pixart(dict(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=8,
+                                  model_max_length=6))
+        if recompute:
+            for block in model.blocks:
+                block.recompute()
+        weights = [p for _, p in model.parameters_and_names()]
+        step = ForwardBackward(DiffusionLoss(model, IDDPMSampler().diffusion), weights, LossScaler())
+        loss, _, _, grads = step(*inputs)
+        results.append((float(loss), [g.asnumpy() for g in grads]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

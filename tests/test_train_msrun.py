@@ -58,6 +58,7 @@ def test_two_workers_match_single_process_and_each_other(tmp_path, tmp_path_fact
     for name in rank0.files:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
         np.testing.assert_allclose(rank0[name], reference[name], rtol=0, atol=1e-5, err_msg=name)
-    ema, ref_ema = read_state_dict(str(out / "final" / "ema.ckpt")), read_state_dict(str(ref_out / "final" / "ema.ckpt"))
+    ema = read_state_dict(str(out / "final" / "ema.ckpt"))
+    ref_ema = read_state_dict(str(ref_out / "final" / "ema.ckpt"))
     for name in rank0.files:
         np.testing.assert_allclose(ema[name], ref_ema[name], rtol=0, atol=1e-5, err_msg=name)

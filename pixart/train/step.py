@@ -191,12 +191,13 @@ class OptimizerStep(nn.Cell):
     def construct(self, grads):
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
-        inverse = 1.0 / (self.scaler.scale * self.accum_steps)
-        grads = self.hyper_map(ops.partial(_mul, inverse), grads)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        # Unscaling and clipping are one multiplication of the gradients (one extra copy of them in
+        # memory, not two): the norm of grads / (scale · accum) is the raw norm times that factor.
+        factor = 1.0 / (self.scaler.scale * self.accum_steps)
+        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads))) * factor
         if self.clip_norm > 0:
-            coef = ops.minimum(self.clip_norm / (norm + 1e-6), ops.ones_like(norm))
-            grads = self.hyper_map(ops.partial(_mul, coef), grads)
+            factor = factor * ops.minimum(self.clip_norm / (norm + 1e-6), ops.ones_like(norm))
+        grads = self.hyper_map(ops.partial(_mul, factor), grads)
         finite = ops.isfinite(norm)
         scale = self.scaler.scale
         if self.scaler.dynamic:
@@ -206,3 +207,80 @@ class OptimizerStep(nn.Cell):
         else:
             norm = ops.depend(norm, self._update(grads))
         return norm, finite, scale
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+class TrainStep:
+    """The graphs of one optimizer step and how they are driven (used by the trainer and benchmarks).
+
+        step = TrainStep(net, trained, WarmupSchedule(2e-5, 1000), accum_steps=2)
+        for inputs in micro_batches:             # accum_steps of them
+            loss, mse, vb = step.micro_batch(inputs)
+        grad_norm, finite = step.apply()
+
+    Args:
+        net: the denoiser as called in the loss (the model, or its mixed-precision wrapper).
+        trained: [(name, Parameter)] to optimize; EMA is kept of these.
+        lr_schedule: a LearningRateSchedule cell (``pixart.train.optim.WarmupSchedule``).
+        optim, betas, eps, weight_decay: see ``pixart.train.optim.build_optimizer``.
+        ema_rate: EMA decay, or None for no EMA.
+        dtype: compute dtype name; "fp16" turns on the dynamic loss scale (init_loss_scale, scale_window).
+        clip_norm: global-norm gradient clipping (<= 0: off).
+        world_size: > 1 all-reduces the gradients (mean) over the data-parallel ranks.
+    """
+
+    def __init__(self, net, trained, lr_schedule, optim="came", betas=None, eps=None, weight_decay=0.0, ema_rate=None,
+                 dtype="fp32", clip_norm=0.01, accum_steps=1, world_size=1, init_loss_scale=65536.0,
+                 scale_window=1000):
+        from pixart.samplers import IDDPMSampler
+        from pixart.train.ema import EMA
+        from pixart.train.optim import build_optimizer, optimizer_state
+
+        weights = [p for _, p in trained]
+        self.optimizer = build_optimizer(optim, weights, lr_schedule, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.optimizer_params = optimizer_state(self.optimizer, exclude=weights)
+        self.ema = EMA(trained, ema_rate) if ema_rate is not None else None
+        self.scaler = LossScaler(dynamic=dtype == "fp16", init_scale=init_loss_scale, window=scale_window)
+        self.diffusion = IDDPMSampler().diffusion  # 1000 linear-β steps (1e-4 … 0.02)
+        self.forward_backward = ForwardBackward(DiffusionLoss(net, self.diffusion), weights, self.scaler)
+        self.accumulator = GradAccumulator(weights) if accum_steps > 1 else None
+        reducer = nn.DistributedGradReducer(ms.ParameterTuple(weights), mean=True, degree=world_size) \
+            if world_size > 1 else None
+        self.optimizer_step = OptimizerStep(self.optimizer, self.scaler, self.ema, clip_norm=clip_norm,
+                                            accum_steps=accum_steps, grad_reducer=reducer)
+        self._grads = None
+
+    def micro_batch(self, inputs):
+        """Forward and backward of one micro-batch (``DiffusionLoss`` inputs); -> (loss, mse, vb) Tensors."""
+        loss, mse, vb, grads = self.forward_backward(*inputs)
+        # A plain tuple input is a compile-time constant to ms.jit (one recompilation per step);
+        # mutable makes it a variable of the one compiled graph.
+        grads = ms.mutable(grads)
+        if self.accumulator is not None:
+            self.accumulator(grads)
+        else:
+            self._grads = grads
+        return loss, mse, vb
+
+    def apply(self):
+        """The optimizer step over the micro-batches since the last one; -> (grad norm, finite) Tensors."""
+        if self.accumulator is not None:
+            norm, finite, _ = self.optimizer_step(ms.mutable(tuple(self.accumulator.buffers)))
+            self.accumulator.reset()
+        else:
+            norm, finite, _ = self.optimizer_step(self._grads)
+            self._grads = None
+        return norm, finite
+
+    def optimizer_steps_done(self):
+        """Updates applied so far (skipped fp16 steps excluded): the schedule's position."""
+        return int(self.optimizer.global_step.asnumpy().reshape(-1)[0])
+
+    def state_tensors(self):
+        """{name: Parameter} of the EMA, the optimizer and the loss scale, for checkpoints."""
+        tensors = dict(self.ema.state_dict()) if self.ema is not None else {}
+        tensors.update({"optimizer." + name: p for name, p in self.optimizer_params.items()})
+        tensors.update(self.scaler.state_dict())
+        return tensors

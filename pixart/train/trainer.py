@@ -23,16 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn
 
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
 from pixart.models.pixart import PE_INTERPOLATION, from_pretrained, save_pixart_ckpt
-from pixart.samplers import IDDPMSampler
 from pixart.train import checkpointing as ckpt
-from pixart.train.ema import EMA
-from pixart.train.optim import WarmupSchedule, build_optimizer, lr_at, optimizer_state, scaled_learning_rate
-from pixart.train.step import (DiffusionLoss, ForwardBackward, GradAccumulator, LossScaler, OptimizerStep,
-                               draw_step_noise)
+from pixart.train.optim import WarmupSchedule, lr_at, scaled_learning_rate
+from pixart.train.step import TrainStep, draw_step_noise
 from pixart.utils.checkpoint import to_tensor
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -160,6 +156,10 @@ class Trainer:
         self.data_state = self.sampler.state_dict()
         if args.resume:
             self._resume(args.resume)
+        elif ckpt.latest_checkpoint(args.output_path):
+            raise ConfigError(f"{args.output_path} already holds the checkpoints of a run "
+                              f"({ckpt.latest_checkpoint(args.output_path)}): pass --resume to continue it, or "
+                              "choose another --output_path")
 
     # ------------------------------------------------------------------ setup
 
@@ -266,23 +266,15 @@ class Trainer:
         accum = args.gradient_accumulation_steps
         global_batch = args.batch_size * self.world_size * accum
         self.lr = scaled_learning_rate(args.start_learning_rate, global_batch, args.auto_lr)
-        weights = [p for _, p in self.trained]
         self.schedule_args = dict(lr=self.lr, warmup_steps=args.warmup_steps, schedule=args.scheduler,
                                   total_steps=self.total_steps, min_lr=args.min_learning_rate)
-        self.optimizer = build_optimizer(args.optim, weights, WarmupSchedule(**self.schedule_args),
-                                         betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
-        self.optimizer_params = optimizer_state(self.optimizer, exclude=weights)
-        self.ema = EMA(self.trained, args.ema_rate) if args.use_ema else None
-        self.scaler = LossScaler(dynamic=self.dtype == "fp16", init_scale=args.init_loss_scale, window=args.scale_window)
-        self.diffusion = IDDPMSampler().diffusion  # 1000 linear-β steps (1e-4 … 0.02)
-        loss_fn = DiffusionLoss(self.net, self.diffusion)
-        self.forward_backward = ForwardBackward(loss_fn, weights, self.scaler)
-        self.accumulator = GradAccumulator(weights) if accum > 1 else None
-        reducer = nn.DistributedGradReducer(ms.ParameterTuple(weights), mean=True, degree=self.world_size) \
-            if self.world_size > 1 else None
-        self.optimizer_step = OptimizerStep(self.optimizer, self.scaler, self.ema,
-                                            clip_norm=args.max_grad_norm if args.clip_grad else 0.0,
-                                            accum_steps=accum, grad_reducer=reducer)
+        self.train_step = TrainStep(self.net, self.trained, WarmupSchedule(**self.schedule_args), optim=args.optim,
+                                    betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
+                                    ema_rate=args.ema_rate if args.use_ema else None, dtype=self.dtype,
+                                    clip_norm=args.max_grad_norm if args.clip_grad else 0.0, accum_steps=accum,
+                                    world_size=self.world_size, init_loss_scale=args.init_loss_scale,
+                                    scale_window=args.scale_window)
+        self.ema = self.train_step.ema
         logger.info("optimizer: %s, lr %.3g (%s-scaled for global batch %d = %d × %d rank(s) × %d accumulation), "
                     "warm-up %d, %s schedule, %d steps (%d micro-batches per epoch per rank)", args.optim, self.lr,
                     args.auto_lr, global_batch, args.batch_size, self.world_size, accum, args.warmup_steps,
@@ -300,7 +292,7 @@ class Trainer:
             latents, y, mask = self._encode(data, batch.epoch)
         n = latents.shape[0]
         draws = draw_step_noise(self.args.seed, self.step, micro, n, tuple(latents.shape[1:]),
-                                self.diffusion.num_timesteps, self.args.class_dropout_prob)
+                                self.train_step.diffusion.num_timesteps, self.args.class_dropout_prob)
         resolution = ms.Tensor(data["original_sizes"].astype(np.float32))
         aspect = ms.Tensor(np.full((n, 1), float(data["bucket"]), np.float32))
         return (latents, y, mask.astype(ms.int32), ms.Tensor(draws["t"]), ms.Tensor(draws["noise"]),
@@ -336,19 +328,10 @@ class Trainer:
                     batch = next(stream)
                     window["skipped_images"] += batch.skipped
                     inputs = self._inputs(batch, micro=k * self.world_size + self.rank)
-                    loss, mse, vb, grads = self.forward_backward(*inputs)
-                    # A plain tuple input is a compile-time constant to ms.jit (a recompilation per
-                    # step); mutable makes it a variable of the one compiled graph.
-                    grads = ms.mutable(grads)
-                    if self.accumulator is not None:
-                        self.accumulator(grads)
+                    loss, mse, vb = self.train_step.micro_batch(inputs)
                     window["loss"].append(loss), window["mse"].append(mse), window["vb"].append(vb)
                     window["images"] += inputs[0].shape[0]
-                if self.accumulator is not None:
-                    norm, finite, _ = self.optimizer_step(ms.mutable(tuple(self.accumulator.buffers)))
-                    self.accumulator.reset()
-                else:
-                    norm, finite, _ = self.optimizer_step(grads)
+                norm, finite = self.train_step.apply()
                 window["norm"].append((norm, finite))
                 self.step += 1
                 self.epoch, self.data_state = batch.epoch, batch.data_state
@@ -376,7 +359,8 @@ class Trainer:
         elapsed = time.perf_counter() - window["start"]
         mean = float(np.mean(losses))
         self.history.append((self.step, mean))
-        scale = f", loss scale {float(self.scaler.scale):g}" if self.scaler.dynamic else ""
+        scaler = self.train_step.scaler
+        scale = f", loss scale {float(scaler.scale):g}" if scaler.dynamic else ""
         skipped = f", skipped {window['skipped_images']} unreadable image(s)" if window["skipped_images"] else ""
         overflow = f", {skipped_steps} step(s) skipped (inf/nan gradients)" if skipped_steps else ""
         logger.info("step %d/%d epoch %d: loss %.4f (mse %.4f, vb %.4f), grad norm %.3g, lr %.3g, %.2f s/step, "
@@ -389,8 +373,7 @@ class Trainer:
 
     def current_lr(self):
         """Learning rate of the last optimizer update (skipped fp16 steps do not advance the schedule)."""
-        done = int(self.optimizer.global_step.asnumpy().reshape(-1)[0])
-        return lr_at(max(done - 1, 0), **self.schedule_args)
+        return lr_at(max(self.train_step.optimizer_steps_done() - 1, 0), **self.schedule_args)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -408,10 +391,7 @@ class Trainer:
         named = dict(self.model.parameters_and_names())
         tensors = {name: p for name, p in self.trained}
         tensors[NULL_CAPTION] = named[NULL_CAPTION]  # always, even when only adapters train
-        if self.ema is not None:
-            tensors.update(self.ema.state_dict())
-        tensors.update({"optimizer." + name: p for name, p in self.optimizer_params.items()})
-        tensors.update(self.scaler.state_dict())
+        tensors.update(self.train_step.state_tensors())
         return tensors
 
     def save_checkpoint(self):
@@ -508,19 +488,20 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         # Strings only: numeric entries would read back as (unexpected) tensors in from_pretrained.
         meta = {"train_step": str(self.step), "base_model": str(self.paths["transformer"])}
+        names = ("lora", "lora_ema") if self.args.lora_rank else ("model", "ema")
+        self._save_weights(os.path.join(folder, names[0]), meta)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                self._save_weights(os.path.join(folder, names[1]), meta)
+        logger.info("exported %s to %s", ", ".join(names if self.ema is not None else names[:1]), folder)
+
+    def _save_weights(self, stem, meta):
         if self.args.lora_rank:
             from pixart.train.lora import save_lora
 
-            save = lambda name: save_lora(self.model, os.path.join(folder, f"{name}.safetensors"), metadata=meta)  # noqa: E731
+            save_lora(self.model, stem + ".safetensors", metadata=meta)
         else:
-            save = lambda name: save_pixart_ckpt(self.model, os.path.join(folder, f"{name}.ckpt"), extra=meta)  # noqa: E731
-        written = ["lora" if self.args.lora_rank else "model"]
-        save(written[0])
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                written.append(written[0] + "_ema" if self.args.lora_rank else "ema")
-                save(written[-1])
-        logger.info("exported %s to %s", ", ".join(written), folder)
+            save_pixart_ckpt(self.model, stem + ".ckpt", extra=meta)
 
 
 def assign_state(params, state, source="checkpoint"):

@@ -184,13 +184,7 @@ def main(argv=None):
 
     from pixart.train.trainer import Trainer, init_distributed
 
-    try:
-        target = set_device(args.device_target)
-    except RuntimeError:  # MindSpore already ran kernels in this process (main() called from a program)
-        target = ms.get_context("device_target")
-        if args.device_target not in (None, target):
-            raise ConfigError(f"--device_target {args.device_target}: this process already runs on {target}") from None
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+    target = set_device(args.device_target)
     rank, world_size = init_distributed(args.use_parallel)
     setup_logging(args.output_path, rank, world_size)
     ms.set_seed(args.seed)

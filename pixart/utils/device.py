@@ -16,6 +16,11 @@ def set_device(target=None):
         target = next(t for t in TARGETS if t == "CPU" or ms.hal.is_available(t))
     elif target != "CPU" and not ms.hal.is_available(target):
         raise ConfigError(f"--device_target {target} is not available on this machine")
-    ms.set_device(target)
+    try:
+        ms.set_device(target)
+    except RuntimeError:  # the runtime already ran kernels in this process (an entry point called from Python)
+        current = ms.get_context("device_target")
+        if current != target:
+            raise ConfigError(f"--device_target {target}: this process already runs on {current}") from None
     ms.set_context(mode=ms.PYNATIVE_MODE)
     return target

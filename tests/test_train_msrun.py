@@ -9,7 +9,6 @@ import socket
 import subprocess
 
 import numpy as np
-import pytest
 
 from pixart.utils.checkpoint import read_state_dict
 from test_train import ROOT, STEPS, reference_run, reference_setup, train_argv
@@ -32,8 +31,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun (MindSpore's launcher) is not installed")
 def test_two_workers_match_single_process_and_each_other(tmp_path, tmp_path_factory):
+    assert shutil.which("msrun"), "msrun (installed with mindspore) is not on PATH: pip install -r requirements.txt"
     _, ref_out = reference_run(tmp_path_factory)  # 1 process, 2 accumulated micro-batches per step
     pipe, data = reference_setup(tmp_path_factory)
     out = tmp_path / "dp"

@@ -4,6 +4,7 @@ All schedule arithmetic is done once, in float64 numpy, when a sampler is built 
 called. The per-step work on latents (in the subclasses' `step`) is MindSpore Tensor ops with python-float
 coefficients, so nothing is copied between host and tensors inside the sampling loop.
 """
+from abc import ABC, abstractmethod
 from typing import Optional, Union
 
 import mindspore as ms
@@ -49,7 +50,7 @@ def solver_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
     return np.ascontiguousarray(t).astype(np.int64)
 
 
-class Sampler:
+class Sampler(ABC):
     """Base class: holds the training schedule, the timesteps and a numpy noise generator.
 
     Interface shared by all samplers (diffusers-like, so the pipeline can swap them):
@@ -88,11 +89,13 @@ class Sampler:
         """No input scaling is needed on the discrete VP schedule (kept for diffusers-style loops)."""
         return sample
 
+    @abstractmethod
     def set_timesteps(self, num_inference_steps: int):
-        raise NotImplementedError
+        """Choose the timesteps of an n-step sampling run (``self.timesteps``, visiting order)."""
 
+    @abstractmethod
     def step(self, model_output, timestep, sample, noise=None):
-        raise NotImplementedError
+        """One denoising step: the sample at ``timestep`` -> the sample at the next timestep."""
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _check_ready(self):

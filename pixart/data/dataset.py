@@ -411,24 +411,38 @@ def load_batch(dataset, indices, epoch=None):
     than len(indices) by num_skipped.
     """
     epoch = dataset.epoch if epoch is None else epoch
-    items, skipped = [], 0
-    for idx in indices:
-        try:
-            items.append(dataset.get(idx, epoch))
-        except UnreadableImage as err:
-            logger.warning("skipping record %d: %s", idx, err)
-            skipped += 1
+    items, skipped = collect_batch_items([lambda idx=idx: dataset.get(idx, epoch) for idx in indices], indices,
+                                         UnreadableImage)
     if not items:
         return None, skipped
+    return {"images": np.stack([item["image"] for item in items]), **batch_metadata(items)}, skipped
+
+
+def collect_batch_items(loaders, indices, unreadable):
+    """Call each loader, skipping (and logging) records that raise ``unreadable``.
+
+    Returns (items, num_skipped); the items must all come from one aspect bucket.
+    """
+    items, skipped = [], 0
+    for load, idx in zip(loaders, indices):
+        try:
+            items.append(load())
+        except unreadable as err:
+            logger.warning("skipping record %d: %s", idx, err)
+            skipped += 1
     sizes = {item["size"] for item in items}
-    if len(sizes) != 1:
+    if len(sizes) > 1:
         raise ValueError(f"a batch must come from one aspect bucket, got sizes {sorted(sizes)}")
+    return items, skipped
+
+
+def batch_metadata(items):
+    """The fields every batch carries: captions, indices, original_sizes, ratios, size, bucket."""
     return {
-        "images": np.stack([item["image"] for item in items]),
         "captions": [item["caption"] for item in items],
         "indices": [item["index"] for item in items],
         "original_sizes": np.array([item["original_size"] for item in items], dtype=np.int64),
         "ratios": np.array([item["ratio"] for item in items], dtype=np.float32),
         "size": items[0]["size"],
         "bucket": items[0]["bucket"],
-    }, skipped
+    }

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..utils.checkpoint import read_safetensors, read_safetensors_metadata, save_safetensors
 from ..utils.errors import ConfigError, PixArtError
-from .dataset import TrainDataset, bucket_of
+from .dataset import TrainDataset, batch_metadata, bucket_of, collect_batch_items
 
 logger = logging.getLogger(__name__)
 
@@ -313,27 +313,15 @@ def load_feature_batch(dataset, indices, epoch=None, noise=None):
     epoch = dataset.epoch if epoch is None else epoch
     if noise is not None and len(noise) != len(indices):
         raise ValueError(f"noise holds {len(noise)} samples for {len(indices)} indices")
-    items, skipped = [], 0
-    for k, idx in enumerate(indices):
-        try:
-            items.append(dataset.get(idx, epoch, noise=None if noise is None else noise[k]))
-        except UnreadableFeature as err:
-            logger.warning("skipping record %d: %s", idx, err)
-            skipped += 1
+    loaders = [lambda k=k, idx=idx: dataset.get(idx, epoch, noise=None if noise is None else noise[k])
+               for k, idx in enumerate(indices)]
+    items, skipped = collect_batch_items(loaders, indices, UnreadableFeature)
     if not items:
         return None, skipped
-    sizes = {item["size"] for item in items}
-    if len(sizes) != 1:
-        raise ValueError(f"a batch must come from one aspect bucket, got sizes {sorted(sizes)}")
     return {
         "latents": np.stack([item["latents"] for item in items]),
         "caption_embeds": np.stack([item["caption_embeds"] for item in items]),
         "caption_mask": np.stack([item["caption_mask"] for item in items]),
-        "captions": [item["caption"] for item in items],
         "caption_sources": [item["caption_source"] for item in items],
-        "indices": [item["index"] for item in items],
-        "original_sizes": np.array([item["original_size"] for item in items], dtype=np.int64),
-        "ratios": np.array([item["ratio"] for item in items], dtype=np.float32),
-        "size": items[0]["size"],
-        "bucket": items[0]["bucket"],
+        **batch_metadata(items),
     }, skipped

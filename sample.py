@@ -148,7 +148,7 @@ def build_pipeline(args):
               "kv_compress_layer": list(args.kv_compress_layer)}
     lora = None
     if args.lora:  # read and checked before any model loads; merged whenever the DiT loads
-        from pixart.train.lora import load_lora
+        from pixart.models.lora import load_lora
         lora = load_lora(args.lora)
     common = dict(dtype=dtype, attention_backend=args.attention_backend, sampler=args.sampling_method, mode=args.mode,
                   sampler_kwargs={"eta": args.ddim_eta} if args.sampling_method == "ddim" else None)

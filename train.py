@@ -137,7 +137,7 @@ def check_args(args):
         raise ConfigError("--image_size is needed for the aspect-ratio buckets (256, 512, 1024 or 2048; the "
                           "configs in configs/train set it)")
     if args.lora_rank and args.lora_target_modules is None:
-        from pixart.train.lora import DEFAULT_TARGETS
+        from pixart.models.lora import DEFAULT_TARGETS
 
         args.lora_target_modules = list(DEFAULT_TARGETS)
 

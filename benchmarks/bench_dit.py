@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-from pixart.models.pixart import PE_INTERPOLATION, PixArtMS_XL_2, diffusers_to_original  # noqa: E402
+from pixart.models.pixart import PE_INTERPOLATION, PixArtMS_XL_2  # noqa: E402
+from pixart.models.pixart_weights import diffusers_to_original  # noqa: E402
 from pixart.utils.checkpoint import load_into_cell  # noqa: E402
 
 

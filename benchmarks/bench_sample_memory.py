@@ -41,7 +41,8 @@ def write_components(folder):
     from pathlib import Path
 
     from pixart.models.autoencoder_kl import SDXL_VAE_CONFIG, AutoencoderKL
-    from pixart.models.pixart import PixArtMS_XL_2, save_pixart_ckpt
+    from pixart.models.pixart import PixArtMS_XL_2
+    from pixart.models.pixart_weights import save_pixart_ckpt
     from pixart.utils.checkpoint import save_safetensors
     from tiny_models import make_tokenizer
 

@@ -17,12 +17,12 @@ import mindspore as ms
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
 from pixart.data.features import FeatureDataset, latent_noise, load_feature_batch, read_index
 from pixart.models.autoencoder_kl import AutoencoderKL
-from pixart.models.pixart import from_pretrained as load_dit
+from pixart.models.pixart_weights import from_pretrained as load_dit
 from pixart.models.t5 import T5Encoder
 from pixart.models.tokenizer import PromptTokenizer, encode_prompts
 from pixart.utils.errors import ConfigError
 from tiny_models import make_pipeline_folder
-from tools.extract_features import extract_features
+from pixart.data.extract import extract_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LENGTH = 300  # Σ

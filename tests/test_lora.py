@@ -5,8 +5,9 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
-from pixart.models.pixart import PixArtMS, from_pretrained, save_pixart_ckpt
-from pixart.train.lora import (DEFAULT_TARGETS, LoRADense, inject_lora, load_lora, load_lora_into, lora_modules,
+from pixart.models.pixart import PixArtMS
+from pixart.models.pixart_weights import from_pretrained, save_pixart_ckpt
+from pixart.models.lora import (DEFAULT_TARGETS, LoRADense, inject_lora, load_lora, load_lora_into, lora_modules,
                                lora_state_dict, merge_lora, save_lora, unmerge_lora)
 from pixart.utils.checkpoint import read_state_dict
 from pixart.utils.errors import CheckpointError, ConfigError

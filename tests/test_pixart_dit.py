@@ -10,8 +10,8 @@ import torch
 import mindspore as ms
 from diffusers import PixArtTransformer2DModel
 
-from pixart.models.pixart import (PixArt, PixArtMS, build_pixart, diffusers_to_original, from_pretrained,
-                                  load_pixart_state, save_pixart_ckpt)
+from pixart.models.pixart import PixArt, PixArtMS, build_pixart
+from pixart.models.pixart_weights import diffusers_to_original, from_pretrained, load_pixart_state, save_pixart_ckpt
 from pixart.utils.checkpoint import load_into_cell, read_state_dict
 from pixart.utils.errors import CheckpointError
 

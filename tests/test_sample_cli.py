@@ -117,8 +117,8 @@ def test_shipped_configs_parse():
 def test_lora_is_merged_and_named(folder, tmp_path):
     import mindspore as ms
 
-    from pixart.models.pixart import from_pretrained
-    from pixart.train.lora import inject_lora, lora_modules, save_lora
+    from pixart.models.pixart_weights import from_pretrained
+    from pixart.models.lora import inject_lora, lora_modules, save_lora
 
     model = from_pretrained(str(folder / "transformer"))
     inject_lora(model, rank=2, alpha=2)

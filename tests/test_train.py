@@ -127,14 +127,14 @@ def test_checkpoint_contents_and_keep_last_k(reference):
     assert trainer.data_state == {**trainer.sampler.state_dict(), "epoch": STEPS - 1, "consumed_batches": 2}
     # Class dropout trained the null caption (diffusers folders do not store it: it starts from the
     # model's initialisation), and the checkpoint has it.
-    from pixart.models.pixart import from_pretrained
+    from pixart.models.pixart_weights import from_pretrained
 
     initial = from_pretrained(str(out.parent / "pipe" / "transformer"), model_max_length=16)
     assert not np.array_equal(state["y_embedder.y_embedding"], initial.y_embedder.y_embedding.asnumpy())
 
 
 def test_final_exports_load_for_sampling_and_ema_differs(reference):
-    from pixart.models.pixart import from_pretrained
+    from pixart.models.pixart_weights import from_pretrained
 
     trainer, out = reference
     model = from_pretrained(str(out / "final" / "model.ckpt"))
@@ -371,8 +371,8 @@ def test_cached_features_train_exactly_like_images(reference, tmp_path, tmp_path
 
 
 def test_lora_trains_and_saves_only_adapters(tmp_path, tmp_path_factory):
-    from pixart.models.pixart import from_pretrained
-    from pixart.train.lora import load_lora, merge_lora
+    from pixart.models.pixart_weights import from_pretrained
+    from pixart.models.lora import load_lora, merge_lora
 
     pipe, _ = reference_setup(tmp_path_factory)
     out = tmp_path / "lora"

@@ -1,14 +1,12 @@
 """PixArt-α / PixArt-Σ diffusion transformers (DiT with adaLN-single and text cross-attention).
 
 Parameter names are the original PixArt checkpoint names (``blocks.3.attn.qkv.weight``...), so an
-original ``.pth`` loads by name; the diffusers layout is mapped to them in ``diffusers_to_original``.
+original ``.pth`` loads by name; loading, saving and the diffusers layout are in ``pixart_weights.py``.
 
 Shapes: N batch, C latent channels, H×W latent size, T = (H/p)(W/p) image tokens, D hidden size,
 L text tokens, E caption channels (4096 for T5-XXL).
 """
-import json
 import math
-import os
 
 import numpy as np
 import mindspore as ms
@@ -16,8 +14,8 @@ from mindspore import nn, ops
 
 from pixart.models.attention import mask_to_bias, resolve_backend, scaled_dot_product_attention
 from pixart.models.layers import gelu_tanh
-from pixart.utils.checkpoint import load_into_cell, read_state_dict, to_tensor, unwrap_state_dict
-from pixart.utils.errors import CheckpointError, ConfigError
+from pixart.utils.checkpoint import to_tensor
+from pixart.utils.errors import ConfigError
 
 # Published architectures; tests use small ones built from the same arguments.
 PRESETS = {
@@ -450,216 +448,8 @@ def PixArt_XL_2(**kwargs):
 def PixArtMS_XL_2(**kwargs):
     return PixArtMS(**PRESETS["PixArt-XL/2"], **kwargs)
 
-
-# ----------------------------------------------------------------------------- checkpoint layouts
-
-# (diffusers prefix, original prefix); blocks are handled separately because q/k/v are fused.
-_DIFFUSERS_TOP = [
-    ("pos_embed.proj.", "x_embedder.proj."),
-    ("caption_projection.linear_1.", "y_embedder.y_proj.fc1."),
-    ("caption_projection.linear_2.", "y_embedder.y_proj.fc2."),
-    ("adaln_single.emb.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
-    ("adaln_single.emb.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
-    ("adaln_single.emb.resolution_embedder.linear_1.", "csize_embedder.mlp.0."),
-    ("adaln_single.emb.resolution_embedder.linear_2.", "csize_embedder.mlp.2."),
-    ("adaln_single.emb.aspect_ratio_embedder.linear_1.", "ar_embedder.mlp.0."),
-    ("adaln_single.emb.aspect_ratio_embedder.linear_2.", "ar_embedder.mlp.2."),
-    ("adaln_single.linear.", "t_block.1."),
-    ("proj_out.", "final_layer.linear."),
-    ("scale_shift_table", "final_layer.scale_shift_table"),
-]
-_DIFFUSERS_BLOCK = [
-    ("attn1.to_out.0.", "attn.proj."),
-    ("attn2.to_q.", "cross_attn.q_linear."),
-    ("attn2.to_out.0.", "cross_attn.proj."),
-    ("ff.net.0.proj.", "mlp.fc1."),
-    ("ff.net.2.", "mlp.fc2."),
-    ("scale_shift_table", "scale_shift_table"),
-]
-_FUSED = [(("attn1.to_q.", "attn1.to_k.", "attn1.to_v."), "attn.qkv."), (("attn2.to_k.", "attn2.to_v."), "cross_attn.kv_linear.")]
-
-
-def is_diffusers_layout(state):
-    return any(k.startswith(("transformer_blocks.", "adaln_single.")) for k in state)
-
-
-def _rename(key, table):
-    for src, dst in table:
-        if key.startswith(src):
-            return dst + key[len(src):]
-    return None
-
-
-def diffusers_to_original(state):
-    """diffusers PixArtTransformer2DModel keys -> original PixArt keys (q/k/v fused)."""
-    out, unknown = {}, []
-    for key, value in state.items():
-        if key.startswith("transformer_blocks."):
-            _, idx, rest = key.split(".", 2)
-            if any(rest.startswith(p) for group, _ in _FUSED for p in group):
-                continue  # fused below
-            new = _rename(rest, _DIFFUSERS_BLOCK)
-            new = f"blocks.{idx}.{new}" if new else None
-        else:
-            new = _rename(key, _DIFFUSERS_TOP)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
-    for i in blocks:
-        for parts, target in _FUSED:
-            for leaf in ("weight", "bias"):
-                names = [f"transformer_blocks.{i}.{p}{leaf}" for p in parts]
-                if all(n in state for n in names):
-                    out[f"blocks.{i}.{target}{leaf}"] = np.concatenate([np.asarray(state[n]) for n in names], axis=0)
-    if unknown:
-        raise CheckpointError(f"unknown diffusers PixArt keys: {', '.join(unknown[:4])}")
-    return out
-
-
-def original_to_diffusers(state):
-    """Original PixArt keys -> diffusers keys; the null caption and pos_embed are not stored there."""
-    out = {}
-    for key, value in state.items():
-        if key in ("y_embedder.y_embedding", "pos_embed"):
-            continue
-        if key.startswith("blocks."):
-            _, idx, rest = key.split(".", 2)
-            fused = [(parts, t) for parts, t in _FUSED if rest.startswith(t)]
-            if fused:
-                parts, target = fused[0]
-                leaf = rest[len(target):]
-                for part, chunk in zip(parts, np.split(np.asarray(value), len(parts), axis=0)):
-                    out[f"transformer_blocks.{idx}.{part}{leaf}"] = chunk
-                continue
-            new = _rename(rest, [(o, d) for d, o in _DIFFUSERS_BLOCK])
-            if new is None:
-                raise CheckpointError(f"{key} has no diffusers equivalent (KV compression and qk-norm "
-                                      "weights exist only in the original layout)")
-            out[f"transformer_blocks.{idx}.{new}"] = value
-        else:
-            new = _rename(key, [(o, d) for d, o in _DIFFUSERS_TOP])
-            if new is None:
-                raise CheckpointError(f"{key} has no diffusers equivalent")
-            out[new] = value
-    return out
-
-
-def config_from_diffusers(cfg):
-    """diffusers transformer config.json -> PixArtMS keyword arguments."""
-    sample_size = cfg.get("sample_size", 128)
-    interpolation = cfg.get("interpolation_scale")
-    if interpolation is None:
-        interpolation = max(sample_size // 64, 1)
-    additional = cfg.get("use_additional_conditions")
-    if additional is None:
-        additional = sample_size == 128
-    heads, head_dim = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 72)
-    in_channels = cfg.get("in_channels", 4)
-    out_channels = cfg.get("out_channels") or in_channels
-    if cfg.get("cross_attention_dim", heads * head_dim) != heads * head_dim:
-        raise ConfigError("cross_attention_dim must equal num_attention_heads * attention_head_dim")
-    return dict(input_size=sample_size, patch_size=cfg.get("patch_size", 2), in_channels=in_channels,
-                hidden_size=heads * head_dim, depth=cfg.get("num_layers", 28), num_heads=heads,
-                caption_channels=cfg.get("caption_channels") or 4096, pe_interpolation=float(interpolation),
-                learn_sigma=out_channels == 2 * in_channels, micro_condition=bool(additional))
-
-
-def config_to_diffusers(config):
-    """PixArtMS keyword arguments -> diffusers transformer config.json."""
-    d, heads = config["hidden_size"], config["num_heads"]
-    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.35.2",
-            "num_attention_heads": heads, "attention_head_dim": d // heads, "in_channels": config["in_channels"],
-            "out_channels": config["in_channels"] * (2 if config["learn_sigma"] else 1),
-            "num_layers": config["depth"], "cross_attention_dim": d, "attention_bias": True,
-            "sample_size": config["input_size"], "patch_size": config["patch_size"],
-            "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
-            "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": config["pe_interpolation"],
-            "use_additional_conditions": config["micro_condition"], "caption_channels": config["caption_channels"],
-            "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False, "attention_type": "default"}
-
-
-def infer_config(state):
-    """Architecture facts readable from original-layout weights (not num_heads, input_size, pe)."""
-    try:
-        hidden, in_channels, patch, _ = np.shape(state["x_embedder.proj.weight"])
-        out_features = np.shape(state["final_layer.linear.weight"])[0]
-        caption_channels = np.shape(state["y_embedder.y_proj.fc1.weight"])[1]
-    except KeyError as err:
-        raise CheckpointError(f"not a PixArt checkpoint: {err.args[0]} is missing") from None
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    kv_layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.") and ".attn.sr." in k})
-    config = dict(hidden_size=int(hidden), in_channels=int(in_channels), patch_size=int(patch), depth=depth,
-                  num_heads=max(int(hidden) // 72, 1), caption_channels=int(caption_channels),
-                  learn_sigma=out_features // (patch * patch) == 2 * in_channels,
-                  micro_condition="csize_embedder.mlp.0.weight" in state,
-                  qk_norm="blocks.0.attn.q_norm.weight" in state,
-                  mlp_ratio=np.shape(state["blocks.0.mlp.fc1.weight"])[0] / hidden if depth else 4.0)
-    if "y_embedder.y_embedding" in state:
-        config["model_max_length"] = int(np.shape(state["y_embedder.y_embedding"])[0])
-    if kv_layers:
-        scale = int(np.shape(state[f"blocks.{kv_layers[0]}.attn.sr.weight"])[-1])
-        config["kv_compress_config"] = {"sampling": "conv", "scale_factor": scale, "kv_compress_layer": kv_layers}
-    return config
-
-
-def load_pixart_state(path, use_ema=False):
-    """Read PixArt weights from a .ckpt/.pth/.safetensors file or a diffusers ``transformer/`` folder.
-
-    Returns ``(state, config)``: original-layout tensors (pos_embed dropped) and the architecture
-    arguments known from the source (a diffusers config.json, a .ckpt's stored config, or the keys).
-    """
-    raw = read_state_dict(path)
-    stored = raw.pop("pixart_config", None)
-    state = unwrap_state_dict(raw, prefer="ema" if use_ema else "state_dict")
-    state = {k: v for k, v in state.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
-    config = {}
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    config_json = os.path.join(folder, "config.json")
-    if is_diffusers_layout(state):
-        state = diffusers_to_original(state)
-        if os.path.isfile(config_json):
-            with open(config_json) as f:
-                config.update(config_from_diffusers(json.load(f)))
-    state.pop("pos_embed", None)
-    config = {**infer_config(state), **config}
-    if stored is not None:
-        config.update(json.loads(str(stored)))
-    return state, config
-
-
 def build_pixart(config, **overrides):
     """Construct a PixArtMS (or fixed-grid PixArt with ``fixed_grid=True``) from keyword arguments."""
     kwargs = {**config, **overrides}
     cls = PixArt if kwargs.pop("fixed_grid", False) else PixArtMS
     return cls(**kwargs)
-
-
-def from_pretrained(path, use_ema=False, strict=True, **overrides):
-    """Build the model the weights describe and load them (any source ``load_pixart_state`` reads).
-
-    ``overrides`` set what the weights cannot tell (``input_size``, ``pe_interpolation``,
-    ``model_max_length``, ``dtype``, ``attention_backend``...) or switch KV compression on
-    (``kv_compress_config``). A source without the null caption (diffusers) keeps the initialised
-    one; KV-compression layers the weights lack keep their initialisation (an average pool and an
-    identity LayerNorm), as the original code does with published non-KV weights.
-    """
-    state, config = load_pixart_state(path, use_ema=use_ema)
-    model = build_pixart(config, initialize=False, **overrides)
-    initialise = {name for name, _ in model.parameters_and_names() if name not in state and
-                  (".attn.sr." in name or ".attn.norm." in name or name == "y_embedder.y_embedding")}
-    model.initialize_weights(names=initialise)
-    for name, param in model.parameters_and_names():
-        if name in initialise:
-            state[name] = param.asnumpy()
-    load_into_cell(model, state, source=path, strict=strict)
-    return model
-
-
-def save_pixart_ckpt(model, path, extra=None):
-    """Save original-layout weights plus the architecture (as JSON) in a MindSpore .ckpt."""
-    from pixart.utils.checkpoint import save_ckpt
-
-    state = {name: param for name, param in model.parameters_and_names()}
-    save_ckpt(state, path, extra={"pixart_config": json.dumps(model.config), **(extra or {})})

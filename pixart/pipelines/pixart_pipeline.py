@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
 from pixart.models.pixart import PE_INTERPOLATION
-from pixart.models.pixart import from_pretrained as load_transformer
+from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.samplers import DEFAULT_STEPS, build_sampler
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -145,7 +145,7 @@ class PixArtSigmaPipeline:
         def transformer():
             model = load_transformer(checkpoint, **overrides)
             if lora is not None:
-                from pixart.train.lora import merge_lora
+                from pixart.models.lora import merge_lora
                 merge_lora(model, lora, strength=lora_scale)
             model.set_train(False)
             return model

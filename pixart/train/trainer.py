@@ -25,7 +25,8 @@ import numpy as np
 import mindspore as ms
 
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
-from pixart.models.pixart import PE_INTERPOLATION, from_pretrained, save_pixart_ckpt
+from pixart.models.pixart import PE_INTERPOLATION
+from pixart.models.pixart_weights import from_pretrained, save_pixart_ckpt
 from pixart.train import checkpointing as ckpt
 from pixart.train.optim import WarmupSchedule, lr_at, scaled_learning_rate
 from pixart.train.step import TrainStep, draw_step_noise
@@ -219,7 +220,7 @@ class Trainer:
             raise ConfigError(f"the features hold {self.dataset.max_length} text tokens, the model takes "
                               f"{self.model.config['model_max_length']} (--t5_max_length)")
         if args.lora_rank:
-            from pixart.train.lora import inject_lora
+            from pixart.models.lora import inject_lora
 
             inject_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_target_modules, seed=args.seed)
         # Trained weights by name (LoRA: only the adapters; full fine-tuning: everything).
@@ -497,7 +498,7 @@ class Trainer:
 
     def _save_weights(self, stem, meta):
         if self.args.lora_rank:
-            from pixart.train.lora import save_lora
+            from pixart.models.lora import save_lora
 
             save_lora(self.model, stem + ".safetensors", metadata=meta)
         else:

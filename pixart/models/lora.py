@@ -10,7 +10,7 @@ sampling model runs at full speed with no adapter code at all.
 
 Flow:
 
-    model = pixart.models.pixart.from_pretrained(path)
+    model = pixart.models.pixart_weights.from_pretrained(path)
     params = inject_lora(model, rank=16)               # every other parameter is frozen
     optimizer = nn.AdamWeightDecay(params, ...)          # ... train ...
     save_lora(model, "lora.safetensors")               # adapters + rank/alpha/targets only

@@ -21,9 +21,9 @@ import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 
-from sample import (DEFAULT_PROMPT, MAX_SIDE, build_parser as build_sample_parser, build_pipeline,  # noqa: E402
-                    check_args, check_weights, png_metadata)
-from pixart.utils.config import parse_args_with_config, str2bool  # noqa: E402
+from pixart.cli import DEFAULT_PROMPT, check_side, parse_args_with_config, sample_parser, str2bool  # noqa: E402
+from pixart.pipelines.config import PipelineConfig  # noqa: E402
+from pixart.pipelines.images import save_png  # noqa: E402
 from pixart.utils.device import set_device  # noqa: E402
 from pixart.utils.errors import ConfigError, PixArtError, run_cli  # noqa: E402
 
@@ -37,7 +37,7 @@ logger = logging.getLogger("demo")
 
 def build_parser():
     """sample.py's options (so the same YAML configs load) plus the server's."""
-    p = build_sample_parser()
+    p = sample_parser()
     p.prog = "demo.py"
     p.description = "PixArt text-to-image web demo"
     g = p.add_argument_group("server")
@@ -49,8 +49,9 @@ def build_parser():
     g.add_argument("--queue_size", type=int, default=32, help="requests waiting beyond this are turned away")
     g.add_argument("--max_steps", type=int, default=200, help="the largest step count a request may ask for")
     g.add_argument("--low_memory", type=str2bool, default=False,
-                   help="reload the text encoder for every request instead of keeping it in memory beside "
-                        "the DiT, for machines that cannot hold both (T5-XXL: 9.5 GB from bf16 files, 19 GB fp32)")
+                   help="never hold T5 and the DiT in memory together: every request loads T5, encodes the "
+                        "prompt, frees T5 and loads the DiT again (slower requests; for machines that cannot hold "
+                        "both: T5-XXL takes 9.5 GB from bf16 files, 19 GB fp32)")
     return p
 
 
@@ -80,20 +81,13 @@ def size_choices(bins):
     return choices + [("custom width and height", CUSTOM)]
 
 
-def check_side(name, value):
-    """The custom-size rule of sample.py (--image_width/--image_height), worded for the page."""
-    if value is None or value != int(value) or value % 8 or not 8 <= value <= MAX_SIDE:
-        raise ConfigError(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
-    return int(value)
-
-
 def parse_request(form, allowed_sizes, samplers, max_steps):
     """Check one form submission; every problem is a ConfigError whose message the page shows."""
     prompt = (form["prompt"] or "").strip()
     if not prompt:
         raise ConfigError("Enter a prompt.")
     if form["size"] == CUSTOM:
-        width, height = check_side("width", form["width"]), check_side("height", form["height"])
+        width, height = check_side("width", form["width"], flag=False), check_side("height", form["height"], flag=False)
     elif form["size"] in allowed_sizes:
         width, height = map(int, form["size"].split("x"))
     else:
@@ -120,14 +114,15 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
 class Generator:
     """The pipeline, loaded once, and what one request does with it."""
 
-    def __init__(self, args):
+    def __init__(self, args, config=None):
         from pixart.data.aspect_ratios import get_bins
         from pixart.samplers import SAMPLERS
         self.args = args
         started = time.time()
-        self.pipe, self.model_name = build_pipeline(args)  # merges --lora whenever the DiT loads
-        # Keep T5 beside the DiT, so that a request does not reload the text encoder.
-        self.pipe.low_memory = args.low_memory
+        self.config = config or PipelineConfig.from_args(args)
+        # low_memory False keeps T5 beside the DiT, so that a request does not reload the text encoder.
+        self.pipe = self.config.build(low_memory=args.low_memory)  # merges --lora whenever the DiT loads
+        self.model_name = self.pipe.name
         self._load_components()
         self.base = self.pipe.transformer.base_size * self.pipe.transformer.patch_size * 8
         self.bins = get_bins(self.base)
@@ -155,16 +150,14 @@ class Generator:
 
     def __call__(self, req, on_step=None):
         """One image for a checked Request: (PIL image, the metadata fields sample.py writes)."""
-        # seed → the same starting noise sample.py uses for its first image, so seeds carry over
-        out = self.pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
-                        guidance_scale=req.guidance_scale, height=req.height, width=req.width, seed=req.seed,
-                        use_resolution_binning=self.args.use_resolution_binning, output_type="pil",
-                        sampler=req.sampler, sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None,
-                        callback=on_step, progress=False)
-        image = out.images[0]
-        fields = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
-                      guidance_scale=req.guidance_scale, sampler=req.sampler,
-                      size=f"{image.size[0]}x{image.size[1]}", model=self.model_name)
+        # generate() is sample.py's loop: the same seed and settings give sample.py's image
+        item = next(self.pipe.generate(
+            [req.prompt], seed=req.seed, negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
+            num_inference_steps=req.steps, sampler=req.sampler,
+            sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None, height=req.height,
+            width=req.width, use_resolution_binning=self.args.use_resolution_binning, progress=False,
+            callback=on_step))
+        image, fields = item.image, item.fields
         return image, fields
 
     def save(self, image, fields):
@@ -172,8 +165,7 @@ class Generator:
         self._forget_old_files()
         self.count += 1
         path = os.path.join(self.outdir.name, f"pixart_{self.count:05d}_seed{fields['seed']}.png")
-        image.save(path, pnginfo=png_metadata(**fields))
-        return path
+        return save_png(image, path, fields)
 
     def _forget_old_files(self):
         # gradio copies each returned file into its own cache at once, so ours can go after a while.
@@ -292,15 +284,18 @@ def main(argv=None):
     # gradio 6.17 still names a status code that Starlette 1.x renamed: one warning per request otherwise.
     warnings.filterwarnings("ignore", message=".*HTTP_422_UNPROCESSABLE_ENTITY")
     args = parse_args_with_config(build_parser(), argv)
-    check_args(args)
+    config = PipelineConfig.from_args(args).check()
+    for name in ("image_width", "image_height"):
+        if getattr(args, name) is not None:
+            check_side(name, getattr(args, name))
     require_gradio()
     if not 1 <= args.max_steps <= 1000 or args.queue_size < 1:
         raise ConfigError("--max_steps must be from 1 to 1000 and --queue_size at least 1")
     if args.sampling_steps is not None and args.sampling_steps > args.max_steps:
         raise ConfigError(f"--sampling_steps {args.sampling_steps} is above --max_steps {args.max_steps}")
-    check_weights(args)
-    set_device(args.device_target)
-    gen = Generator(args)
+    config.check_weights()
+    set_device(config.device_target)
+    gen = Generator(args, config)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this machine can use the demo", args.host)
     ui = build_ui(gen)

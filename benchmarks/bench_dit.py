@@ -9,17 +9,16 @@ ratio is ours / PyTorch (target ≤ 1.0). Also prints user/wall CPU time (cores 
 import argparse
 import os
 import resource
-import sys
 import time
 
 os.environ.setdefault("GLOG_v", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import mindspore as ms  # noqa: E402
 
-from pixart.models.pixart import PE_INTERPOLATION, PixArtMS_XL_2  # noqa: E402
+from pixart.models.pixart import PixArtMS_XL_2  # noqa: E402
+from pixart.tables import PE_INTERPOLATION  # noqa: E402
 from pixart.models.pixart_weights import diffusers_to_original  # noqa: E402
 from pixart.utils.checkpoint import load_into_cell  # noqa: E402
 

@@ -1,6 +1,6 @@
 """A 512² PixArt-Σ image end to end with full-size random components: seconds per stage, peak RSS.
 
-    python benchmarks/bench_sample_memory.py [--steps 20] [--folder DIR --keep]
+    python -m benchmarks.bench_sample_memory [--steps 20] [--folder DIR --keep]   (from the repository root)
 
 Writes (in child processes, not counted) a random T5-XXL encoder (bf16 shards, 9.5 GB), a
 random PixArt-XL/2 .ckpt (fp32, 2.4 GB) and a random SDXL VAE, then runs the pipeline as
@@ -18,8 +18,6 @@ import tempfile
 import time
 
 os.environ.setdefault("GLOG_v", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "tests")]
 
 import numpy as np  # noqa: E402
 
@@ -44,7 +42,7 @@ def write_components(folder):
     from pixart.models.pixart import PixArtMS_XL_2
     from pixart.models.pixart_weights import save_pixart_ckpt
     from pixart.utils.checkpoint import save_safetensors
-    from tiny_models import make_tokenizer
+    from tests.tiny_models import make_tokenizer  # run as python -m benchmarks.bench_sample_memory
 
     model = PixArtMS_XL_2(input_size=64, pe_interpolation=1.0)
     rng = np.random.default_rng(0)
@@ -77,9 +75,10 @@ def main():
     try:
         if not os.path.isfile(os.path.join(folder, "PixArt-Sigma-XL-2-512-MS.ckpt")):
             start = time.perf_counter()
-            subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_t5_memory.py"), "--write-only",
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_t5_memory.py"), "--write-only",
                             os.path.join(folder, "text_encoder")], check=True)
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--write-only", folder], check=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.bench_sample_memory", "--write-only", folder], check=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             print(f"wrote random components in {time.perf_counter() - start:.0f} s", flush=True)
         run(folder, args.steps)
     finally:

@@ -26,9 +26,6 @@ import time
 import ml_dtypes
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 XXL = dict(model_type="t5", architectures=["T5EncoderModel"], vocab_size=32128, d_model=4096, d_kv=64,
            d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,

@@ -23,14 +23,10 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 os.environ.setdefault("GLOG_v", "3")
 
 MODELS = {

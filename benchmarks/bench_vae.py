@@ -22,12 +22,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def run_case(size, tile, repeat, threads):
     """Decode one (1, 4, size/8, size/8) latent; prints one JSON line (runs in a child process)."""
-    sys.path.insert(0, ROOT)
     import numpy as np
     import mindspore as ms
 

@@ -1,15 +1,9 @@
-"""Shared test setup: CPU MindSpore, deterministic seeds, repository root on sys.path."""
-import os
-import sys
+"""Shared test setup: CPU MindSpore, deterministic seeds (pytest.ini puts the repository root on sys.path)."""
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import mindspore as ms  # noqa: E402
+import mindspore as ms
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 

@@ -180,7 +180,7 @@ def test_convert_pth_to_ckpt_to_diffusers_and_back_is_exact(diffusers_folder, tm
     ref = PixArtTransformer2DModel.from_pretrained(folder).eval()
     x, t, y, mask = inputs()
     model = from_pretrained(ckpt)  # architecture stored in the .ckpt
-    assert model.config["num_heads"] == HEADS
+    assert model.config.num_heads == HEADS
     np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref, x, t, y, mask), atol=1e-4)
 
 
@@ -284,7 +284,7 @@ def test_kv_conv_starts_as_average_and_loads_by_original_names(tmp_path):
         p.set_data(ms.Tensor(np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.3))
     save_pixart_ckpt(model, str(tmp_path / "kv.ckpt"))
     loaded = from_pretrained(str(tmp_path / "kv.ckpt"))
-    assert loaded.config["kv_compress_config"] == kv and loaded.config["qk_norm"]
+    assert loaded.config.kv_compress_config == kv and loaded.config.qk_norm
     x, t, y, mask = inputs(h=8, w=8)
     np.testing.assert_array_equal(ms_forward(loaded, x, t, y, mask), ms_forward(model, x, t, y, mask))
 

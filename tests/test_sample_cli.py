@@ -98,9 +98,7 @@ def test_empty_prompt_file_and_unknown_config_key(tmp_path):
 
 
 def test_shipped_configs_parse():
-    sys.path.insert(0, ROOT)
-    from sample import build_parser
-    from pixart.utils.config import parse_args_with_config
+    from pixart.cli import parse_args_with_config, sample_parser
 
     folder = os.path.join(ROOT, "configs", "inference")
     names = sorted(os.listdir(folder))
@@ -109,7 +107,7 @@ def test_shipped_configs_parse():
         "pixart-sigma-2K-MS-KV-Compress", "pixart-sigma-4K-MS-KV-Compress", "pixart-alpha-256x256",
         "pixart-alpha-512x512", "pixart-alpha-1024-MS"])
     for name in names:
-        args = parse_args_with_config(build_parser(), ["-c", os.path.join(folder, name)])
+        args = parse_args_with_config(sample_parser(), ["-c", os.path.join(folder, name)])
         assert args.checkpoint.startswith("models/") and args.image_size in (256, 512, 1024, 2048, 4096)
         assert args.kv_compress == ("KV" in name)
 

@@ -19,6 +19,7 @@ from PIL import Image
 import mindspore as ms
 
 import train
+from pixart.train.config import parse_train_config
 from pixart.utils.checkpoint import read_state_dict
 from pixart.utils.errors import ConfigError, run_cli
 from tiny_models import make_pipeline_folder
@@ -191,10 +192,9 @@ def test_resume_refuses_changed_settings(reference, tmp_path_factory):
     pipe, data = reference_setup(tmp_path_factory)
     _, out = reference
     argv = train_argv(pipe, data, out, "--resume", str(out / "checkpoints" / "step-000009.ckpt"), "--seed", "7")
-    args = train.parse_args_with_config(train.build_parser(), argv)
-    train.check_args(args)
+    config = parse_train_config(argv).check()
     with pytest.raises(ConfigError, match="seed 42 -> 7"):
-        Trainer(args)
+        Trainer(config)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -292,9 +292,8 @@ def test_bad_records_one_line_error_exit_2_and_skip(tmp_path, tmp_path_factory, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: 2 of 6 records") and "skip_bad_records" in err
 
-    args = train.parse_args_with_config(train.build_parser(), argv + ["--skip_bad_records", "True"])
-    train.check_args(args)
-    assert len(Trainer(args).dataset) == 4
+    config = parse_train_config(argv + ["--skip_bad_records", "True"]).check()
+    assert len(Trainer(config).dataset) == 4
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
@@ -321,14 +320,13 @@ def test_check_args_fails_fast_with_one_line_errors(tmp_path):
     for extra, message in ((["--batch_size", "0"], "--batch_size must be at least 1"),
                            (["--class_dropout_prob", "1.5"], "--class_dropout_prob must be in"),
                            (["--feature_dir", str(tmp_path / "nope")], "does not exist")):
-        args = train.parse_args_with_config(train.build_parser(), ["--json_path", "x", "--image_dir", "y",
-                                                                   "--image_size", "256", *extra])
+        config = parse_train_config(["--json_path", "x", "--image_dir", "y", "--image_size", "256", *extra])
         with pytest.raises(ConfigError, match=message):
-            train.check_args(args)
+            config.check()
     config = tmp_path / "bad.yaml"
     config.write_text("lerning_rate: 1\n")
     with pytest.raises(ConfigError, match="did you mean"):
-        train.parse_args_with_config(train.build_parser(), ["-c", str(config)])
+        parse_train_config(["-c", str(config)])
 
 
 # ----------------------------------------------------------------------------- cached features and LoRA
@@ -381,7 +379,7 @@ def test_lora_trains_and_saves_only_adapters(tmp_path, tmp_path_factory):
     argv[argv.index("--max_steps") + 1] = "3"
     trainer = train.main(argv)
 
-    geometry = {k: trainer.model.config[k] for k in ("input_size", "pe_interpolation", "model_max_length")}
+    geometry = {k: getattr(trainer.model.config, k) for k in ("input_size", "pe_interpolation", "model_max_length")}
     base = from_pretrained(str(pipe / "transformer"), **geometry)
     trained = dict(trainer.model.parameters_and_names())
     for name, param in base.parameters_and_names():  # base weights frozen (the null caption too)

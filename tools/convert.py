@@ -13,14 +13,12 @@ import argparse
 import json
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pixart.models.pixart import PE_INTERPOLATION  # noqa: E402
+from pixart.tables import PE_INTERPOLATION  # noqa: E402
 from pixart.models.pixart_weights import config_to_diffusers, load_pixart_state, original_to_diffusers  # noqa: E402
 from pixart.utils.checkpoint import save_ckpt, save_safetensors  # noqa: E402
 from pixart.utils.errors import ConfigError, run_cli  # noqa: E402

@@ -17,6 +17,7 @@ own 4K test table does and equals diffusers' `ASPECT_RATIO_4096_BIN` (pipeline_s
 import numpy as np
 from PIL import Image
 
+from ..tables import BASE_SIZES
 from ..utils.errors import ConfigError
 
 # ratio (height / width) -> (height, width)
@@ -79,7 +80,7 @@ _TABLES = {
     2048: ASPECT_RATIO_2048,
     4096: ASPECT_RATIO_4096,
 }
-BASE_SIZES = tuple(_TABLES)
+assert tuple(_TABLES) == BASE_SIZES
 
 
 def get_bins(base_size):

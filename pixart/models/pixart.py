@@ -6,7 +6,10 @@ original ``.pth`` loads by name; loading, saving and the diffusers layout are in
 Shapes: N batch, C latent channels, H×W latent size, T = (H/p)(W/p) image tokens, D hidden size,
 L text tokens, E caption channels (4096 for T5-XXL).
 """
+import dataclasses
 import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import numpy as np
 import mindspore as ms
@@ -17,13 +20,66 @@ from pixart.models.layers import gelu_tanh
 from pixart.utils.checkpoint import to_tensor
 from pixart.utils.errors import ConfigError
 
-# Published architectures; tests use small ones built from the same arguments.
-PRESETS = {
-    "PixArt-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
-}
-# pe_interpolation by base image resolution (REFERENCE §1).
-PE_INTERPOLATION = {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0, 4096: 8.0}
 KV_COMPRESS_MODES = ("conv", "ave", "uniform")
+
+
+@dataclass
+class PixArtConfig:
+    """The architecture of a PixArt DiT (what a checkpoint must match; runtime choices such as the
+    dtype or attention backend are constructor arguments of the model, not part of it).
+
+    input_size: latent side the model was trained at (image size / 8); sets the token grid
+        ``base_size = input_size / patch_size`` the position embedding is scaled to.
+    pe_interpolation: position-embedding interpolation (Σ: 256px 0.5, 512px 1, 1024px 2, ...).
+    model_max_length: text tokens of the null caption (300 for Σ, 120 for α).
+    learn_sigma: output 2·C channels (ε and the variance interpolation).
+    kv_compress_config: ``{"sampling": "conv"|"ave"|"uniform", "scale_factor": 2,
+        "kv_compress_layer": [14, ..., 27]}`` or None.
+    micro_condition: PixArt-α 1024-MS image-size and aspect-ratio embedders.
+    """
+
+    input_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    model_max_length: int = 300
+    pe_interpolation: float = 1.0
+    learn_sigma: bool = True
+    kv_compress_config: Optional[dict] = None
+    qk_norm: bool = False
+    micro_condition: bool = False
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """A published (``"XL-2"``) or test (``"tiny"``) architecture, with field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown PixArt preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown PixArt config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+# Architectures by name: PixArt-XL/2 (all released PixArt-α/Σ models) and the tiny one tests use.
+PRESETS = {
+    "XL-2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    "tiny": dict(input_size=8, depth=2, hidden_size=16, patch_size=2, num_heads=2, caption_channels=8),
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -287,55 +343,49 @@ class PixArtMS(nn.Cell):
     """PixArt diffusion transformer for any aspect ratio (the "MS" models).
 
     Args:
-        input_size: latent side the model was trained at (image size / 8); sets ``base_size``.
-        pe_interpolation: position-embedding interpolation (256px 0.5, 512px 1, 1024px 2, ...).
-        model_max_length: text tokens of the null caption (300 for Σ, 120 for α).
-        learn_sigma: output 2·C channels (ε and the variance interpolation).
-        kv_compress_config: ``{"sampling": "conv"|"ave"|"uniform", "scale_factor": 2,
-            "kv_compress_layer": [14, ..., 27]}`` or None.
-        micro_condition: PixArt-α 1024-MS image-size and aspect-ratio embedders.
+        config: the architecture (``PixArtConfig``, or its fields as keyword arguments).
         attention_backend: "auto", "math" or "flash" (see ``pixart.models.attention``).
+        dtype: parameter dtype (norms and softmax compute in fp32 regardless).
+        initialize: draw the original initialisation (``from_pretrained`` skips it).
     """
 
     fixed_grid = False
 
-    def __init__(self, input_size=128, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, caption_channels=4096, model_max_length=300, pe_interpolation=1.0,
-                 learn_sigma=True, kv_compress_config=None, qk_norm=False, micro_condition=False,
-                 attention_backend="auto", dtype=ms.float32, initialize=True):
+    def __init__(self, config=None, attention_backend="auto", dtype=ms.float32, initialize=True, **fields_):
         super().__init__()
+        config = PixArtConfig.from_dict(config) if isinstance(config, dict) else (config or PixArtConfig())
+        config = config.replace(**fields_)
         backend = resolve_backend(attention_backend)
-        kv = kv_compress_config or {}
+        kv = config.kv_compress_config or {}
         kv_layers = set(kv.get("kv_compress_layer") or []) if kv.get("sampling") else set()
         if kv.get("sampling") and kv["sampling"] not in KV_COMPRESS_MODES:
             raise ConfigError(f"kv_compress sampling must be one of {KV_COMPRESS_MODES}, got {kv['sampling']!r}")
-        if hidden_size % num_heads:
-            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           caption_channels=caption_channels, model_max_length=model_max_length,
-                           pe_interpolation=pe_interpolation, learn_sigma=learn_sigma,
-                           kv_compress_config=kv_compress_config if kv_layers else None, qk_norm=qk_norm,
-                           micro_condition=micro_condition)
+        if config.hidden_size % config.num_heads:
+            raise ConfigError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+        if not kv_layers and config.kv_compress_config is not None:
+            config = config.replace(kv_compress_config=None)
+        self.config = config
+        patch_size, in_channels, hidden_size = config.patch_size, config.in_channels, config.hidden_size
+        num_heads, mlp_ratio, qk_norm = config.num_heads, config.mlp_ratio, config.qk_norm
         self.patch_size, self.in_channels = patch_size, in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.out_channels = in_channels * 2 if config.learn_sigma else in_channels
         self.hidden_size = hidden_size
-        self.base_size = input_size // patch_size
-        self.pe_interpolation = float(pe_interpolation)
-        self.micro_condition = micro_condition
+        self.base_size = config.input_size // patch_size
+        self.pe_interpolation = float(config.pe_interpolation)
+        self.micro_condition = config.micro_condition
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.SequentialCell(nn.SiLU(), nn.Dense(hidden_size, 6 * hidden_size))
-        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, model_max_length)
-        if micro_condition:
+        self.y_embedder = CaptionEmbedder(config.caption_channels, hidden_size, config.model_max_length)
+        if config.micro_condition:
             self.csize_embedder = SizeEmbedder(hidden_size // 3)
             self.ar_embedder = SizeEmbedder(hidden_size // 3)
         self.blocks = nn.CellList([
             PixArtBlock(hidden_size, num_heads, mlp_ratio,
                         kv.get("sampling") if i in kv_layers else None,
                         kv.get("scale_factor", 1) if i in kv_layers else 1, qk_norm, backend)
-            for i in range(depth)])
+            for i in range(config.depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         if initialize:  # skipped by from_pretrained, which overwrites the weights anyway
             self.initialize_weights()
@@ -442,14 +492,19 @@ class PixArt(PixArtMS):
 
 
 def PixArt_XL_2(**kwargs):
-    return PixArt(**PRESETS["PixArt-XL/2"], **kwargs)
+    return PixArt(**PRESETS["XL-2"], **kwargs)
 
 
 def PixArtMS_XL_2(**kwargs):
-    return PixArtMS(**PRESETS["PixArt-XL/2"], **kwargs)
+    return PixArtMS(**PRESETS["XL-2"], **kwargs)
 
-def build_pixart(config, **overrides):
-    """Construct a PixArtMS (or fixed-grid PixArt with ``fixed_grid=True``) from keyword arguments."""
-    kwargs = {**config, **overrides}
-    cls = PixArt if kwargs.pop("fixed_grid", False) else PixArtMS
-    return cls(**kwargs)
+RUNTIME_ARGS = ("attention_backend", "dtype", "initialize")
+
+
+def build_pixart(config, fixed_grid=False, **overrides):
+    """A PixArtMS (or the fixed-grid PixArt) from a ``PixArtConfig`` or its dict, with overrides of
+    its fields or of the runtime arguments (``attention_backend``, ``dtype``, ``initialize``)."""
+    config = PixArtConfig.from_dict(config) if isinstance(config, dict) else config
+    runtime = {k: overrides.pop(k) for k in RUNTIME_ARGS if k in overrides}
+    cls = PixArt if fixed_grid else PixArtMS
+    return cls(config.replace(**overrides), **runtime)

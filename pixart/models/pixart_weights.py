@@ -215,4 +215,4 @@ def save_pixart_ckpt(model, path, extra=None):
     from pixart.utils.checkpoint import save_ckpt
 
     state = {name: param for name, param in model.parameters_and_names()}
-    save_ckpt(state, path, extra={"pixart_config": json.dumps(model.config), **(extra or {})})
+    save_ckpt(state, path, extra={"pixart_config": json.dumps(model.config.to_dict()), **(extra or {})})

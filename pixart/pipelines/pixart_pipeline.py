@@ -18,9 +18,9 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
-from pixart.models.pixart import PE_INTERPOLATION
+from pixart.tables import PE_INTERPOLATION
 from pixart.models.pixart_weights import from_pretrained as load_transformer
-from pixart.samplers import DEFAULT_STEPS, build_sampler
+from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler
 from pixart.utils.errors import CheckpointError, ConfigError
 
 SIGMA_COMPONENTS_REPO = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
@@ -59,6 +59,7 @@ class PixArtSigmaPipeline:
         self.sampler_kwargs = dict(sampler_kwargs or {})
         self.schedule = dict(schedule or {})  # num_train_timesteps / beta_* from scheduler_config.json
         self.low_memory = low_memory
+        self.name = "pixart"  # the model name PNG metadata records (PipelineConfig.build sets it)
 
     # ------------------------------------------------------------------ components
 
@@ -222,8 +223,9 @@ class PixArtSigmaPipeline:
                  sampler=None, sampler_kwargs=None, clean_caption=True, progress=True):
         """Generate images.
 
-        Image k of the batch starts from ``initial_latents(seed + k)`` (the noise sample.py uses
-        for its image k), unless ``latents`` are given. ``sampler`` / ``sampler_kwargs`` (e.g.
+        Image k of the batch starts from ``initial_latents(seed + k)`` unless ``latents`` are
+        given, and a stochastic sampler's noise for it comes from its own stream of seed + k: an
+        image depends on its seed, not on the batch it is generated in. ``sampler`` / ``sampler_kwargs`` (e.g.
         ``{"eta": 0.5}`` for DDIM) override the pipeline's default sampler for this call.
 
         Returns ``PipelineOutput(images)``: PIL images, (H, W, 3) float arrays in [0, 1] for
@@ -260,10 +262,11 @@ class PixArtSigmaPipeline:
 
         # 3. denoise
         options = dict(self.sampler_kwargs if sampler_name == self.sampler_name else {}, **(sampler_kwargs or {}))
-        noise_rng = np.random.default_rng(None if seed is None else [seed, 1])  # apart from the latents' streams
-        sampler_obj = build_sampler(sampler_name, steps, generator=noise_rng, **self.schedule, **options)
-        if latents is None and seed is None:
+        if seed is None:
             seed = int(np.random.default_rng().integers(2**31))
+        # Image k's step noise has its own stream, apart from its starting latents' stream.
+        noise = PerImageNoise([seed + k for k in range(batch)], stream=1)
+        sampler_obj = build_sampler(sampler_name, steps, generator=noise, **self.schedule, **options)
         x = self.prepare_latents(batch, height, width, latents, seed) * sampler_obj.init_noise_sigma
         y, y_mask = prompt_embeds, prompt_attention_mask
         if do_cfg:  # unconditional first, as diffusers
@@ -292,9 +295,11 @@ class PixArtSigmaPipeline:
 
         if output_type == "latent":
             return PipelineOutput(images=x)
-        # 4. decode, back to the requested size, to images
+        # 4. decode, back to the requested size, to images. One image per VAE call: the CPU conv
+        # kernels' arithmetic depends on the batch size, and peak memory is one image's.
         vae = self.vae
-        image = vae.decode(x / vae.scaling_factor).astype(ms.float32).asnumpy()
+        z = x / vae.scaling_factor
+        image = np.concatenate([vae.decode(z[k:k + 1]).astype(ms.float32).asnumpy() for k in range(z.shape[0])])
         if (height, width) != requested:  # resize before clamping, as diffusers does
             image = resize_and_crop_batch(image, *requested)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
@@ -302,6 +307,48 @@ class PixArtSigmaPipeline:
             return PipelineOutput(images=list(image))
         from PIL import Image
         return PipelineOutput(images=[Image.fromarray((im * 255).round().astype(np.uint8)) for im in image])
+
+
+    def generate(self, prompts, num_images=1, batch_size=1, seed=42, negative_prompt="", guidance_scale=4.5,
+                 num_inference_steps=None, sampler=None, sampler_kwargs=None, height=None, width=None,
+                 use_resolution_binning=True, progress=True, callback=None):
+        """Yield a ``GeneratedImage`` for each of ``num_images`` images of every prompt, in order.
+
+        All prompts go through T5 first (with ``low_memory`` it is then released, before the DiT
+        loads); the images are then denoised ``batch_size`` at a time. Image k (counting over all
+        prompts) uses seed ``seed + k``, whatever the batch size, and its ``fields`` are the
+        settings that reproduce it (what sample.py writes into the PNG).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if num_images < 1 or batch_size < 1:
+            raise ConfigError("num_images and batch_size must be at least 1")
+        sampler_name = sampler or self.sampler_name
+        steps = DEFAULT_STEPS[sampler_name] if num_inference_steps is None else num_inference_steps
+        jobs = [p for p in prompts for _ in range(num_images)]
+        do_cfg = guidance_scale > 1.0
+        embeds, mask, neg, neg_mask = self.encode_prompt(jobs, negative_prompt, do_cfg)
+        for start in range(0, len(jobs), batch_size):
+            rows = slice(start, min(start + batch_size, len(jobs)))
+            pick = lambda t: None if t is None else t[rows]  # noqa: E731
+            out = self(prompt_embeds=pick(embeds), prompt_attention_mask=pick(mask), negative_prompt_embeds=pick(neg),
+                       negative_prompt_attention_mask=pick(neg_mask), seed=seed + start,
+                       num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                       use_resolution_binning=use_resolution_binning, sampler=sampler_name,
+                       sampler_kwargs=sampler_kwargs, progress=progress, callback=callback)
+            for k, image in enumerate(out.images, start):
+                fields = dict(prompt=jobs[k], negative_prompt=negative_prompt, seed=seed + k, steps=steps,
+                              guidance_scale=guidance_scale, sampler=sampler_name,
+                              size=f"{image.size[0]}x{image.size[1]}", model=self.name)
+                yield GeneratedImage(index=k, image=image, fields=fields)
+
+
+@dataclass
+class GeneratedImage:
+    """One image of ``generate``: its index k, the PIL image and the settings that reproduce it."""
+
+    index: int
+    image: object
+    fields: dict
 
 
 class PixArtAlphaPipeline(PixArtSigmaPipeline):

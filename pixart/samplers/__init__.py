@@ -17,7 +17,7 @@ from .ddim import DDIMSampler
 from .dpm_solver import DPMSolverSampler
 from .iddpm import GaussianDiffusion, IDDPMSampler, space_timesteps
 from .sa_solver import SASolverSampler
-from .schedule import Sampler, make_beta_schedule
+from .schedule import PerImageNoise, Sampler, make_beta_schedule
 
 SAMPLERS = {
     "dpm": DPMSolverSampler,
@@ -26,7 +26,9 @@ SAMPLERS = {
     "iddpm": IDDPMSampler,
 }
 
-DEFAULT_STEPS = {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100}
+from pixart.tables import DEFAULT_STEPS  # noqa: E402
+
+assert set(DEFAULT_STEPS) == set(SAMPLERS)
 
 _ALIASES = {
     "dpm-solver": "dpm", "dpm_solver": "dpm", "dpmsolver": "dpm", "dpm++": "dpm",
@@ -55,6 +57,6 @@ def build_sampler(name: str = "dpm", num_inference_steps=None, **kwargs) -> Samp
 
 
 __all__ = [
-    "Sampler", "DPMSolverSampler", "DDIMSampler", "SASolverSampler", "IDDPMSampler", "GaussianDiffusion",
+    "Sampler", "PerImageNoise", "DPMSolverSampler", "DDIMSampler", "SASolverSampler", "IDDPMSampler", "GaussianDiffusion",
     "SAMPLERS", "DEFAULT_STEPS", "build_sampler", "canonical_name", "make_beta_schedule", "space_timesteps",
 ]

@@ -50,6 +50,23 @@ def solver_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
     return np.ascontiguousarray(t).astype(np.int64)
 
 
+class PerImageNoise:
+    """A noise source for a batch whose row k comes from its own stream ``default_rng([seeds[k], stream])``.
+
+    Passed as a sampler's ``generator``, it makes every stochastic step of image k independent of
+    the other images in the batch, so an image depends only on its seed, not on the batch size.
+    """
+
+    def __init__(self, seeds, stream=1):
+        self.rngs = [np.random.default_rng([int(s), stream]) for s in seeds]
+
+    def standard_normal(self, shape, dtype=np.float32):
+        """(N, ...) noise, N = the number of seeds."""
+        if shape[0] != len(self.rngs):
+            raise ValueError(f"noise for {shape[0]} images from {len(self.rngs)} per-image streams")
+        return np.stack([rng.standard_normal(tuple(shape[1:]), dtype=dtype) for rng in self.rngs])
+
+
 class Sampler(ABC):
     """Base class: holds the training schedule, the timesteps and a numpy noise generator.
 

@@ -25,8 +25,8 @@ import numpy as np
 import mindspore as ms
 
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
-from pixart.models.pixart import PE_INTERPOLATION
 from pixart.models.pixart_weights import from_pretrained, save_pixart_ckpt
+from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS, ms_dtype
 from pixart.train import checkpointing as ckpt
 from pixart.train.optim import WarmupSchedule, lr_at, scaled_learning_rate
 from pixart.train.step import TrainStep, draw_step_noise
@@ -36,8 +36,6 @@ from pixart.utils.errors import CheckpointError, ConfigError
 logger = logging.getLogger("train")
 
 NULL_CAPTION = "y_embedder.y_embedding"
-MAX_LENGTH = {"sigma": 300, "alpha": 120}
-DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 # Options a resumed run must share with the checkpoint: they decide what the stored state means.
 RESUME_KEYS = ("seed", "batch_size", "image_size", "multi_scale", "optim", "use_ema", "lora_rank", "lora_alpha",
                "lora_target_modules")
@@ -202,7 +200,7 @@ class Trainer:
     def _model_overrides(self):
         args = self.args
         overrides = {"attention_backend": args.attention_backend,
-                     "model_max_length": args.t5_max_length or MAX_LENGTH[args.version]}
+                     "model_max_length": args.t5_max_length or TEXT_TOKENS[args.version]}
         if args.image_size:
             overrides.update(input_size=args.image_size // 8, pe_interpolation=PE_INTERPOLATION[args.image_size])
         if args.pe_interpolation is not None:
@@ -216,9 +214,9 @@ class Trainer:
     def _build_model(self):
         args = self.args
         self.model = from_pretrained(self.paths["transformer"], **self._model_overrides())
-        if self.feature_mode and self.dataset.max_length != self.model.config["model_max_length"]:
+        if self.feature_mode and self.dataset.max_length != self.model.config.model_max_length:
             raise ConfigError(f"the features hold {self.dataset.max_length} text tokens, the model takes "
-                              f"{self.model.config['model_max_length']} (--t5_max_length)")
+                              f"{self.model.config.model_max_length} (--t5_max_length)")
         if args.lora_rank:
             from pixart.models.lora import inject_lora
 
@@ -230,7 +228,7 @@ class Trainer:
                 block.recompute()
         self.net = self.model
         if self.dtype != "fp32":
-            self.net = ms.amp.auto_mixed_precision(self.model, args.amp_level, dtype=DTYPES[self.dtype])
+            self.net = ms.amp.auto_mixed_precision(self.model, args.amp_level, dtype=ms_dtype(self.dtype))
         n_trained = sum(int(np.prod(p.shape)) for _, p in self.trained)
         n_total = sum(int(np.prod(p.shape)) for _, p in self.model.parameters_and_names())
         logger.info("model: %s, %d blocks, %.1fM parameters, %.2fM trained%s, compute %s%s", self.paths["transformer"],
@@ -310,7 +308,7 @@ class Trainer:
         latents = posterior.sample(noise=eps).astype(ms.float32) * self.vae.scaling_factor
         # No caption cleaning: the original training code feeds captions to T5 as they are.
         y, mask = encode_prompts(self.tokenizer, self.text_encoder, data["captions"],
-                                 max_length=self.model.config["model_max_length"], clean_caption=False)
+                                 max_length=self.model.config.model_max_length, clean_caption=False)
         return latents, y.astype(ms.float32), mask
 
     # ------------------------------------------------------------------ the loop
@@ -399,7 +397,7 @@ class Trainer:
         path = ckpt.checkpoint_path(self.args.output_path, self.step)
         started = time.perf_counter()
         ckpt.save_training_checkpoint(path, self.state_tensors(), self.step, self.epoch, self.data_state,
-                                      self.model.config, self.run_config())
+                                      self.model.config.to_dict(), self.run_config())
         removed = ckpt.keep_last(self.args.output_path, self.args.ckpt_max_keep)
         logger.info("saved %s in %.1fs%s", path, time.perf_counter() - started,
                     f" (removed {len(removed)} older)" if removed else "")
@@ -456,7 +454,7 @@ class Trainer:
         if len(negatives) != len(prompts):
             raise ConfigError(f"{len(negatives)} validation_negative_prompts for {len(prompts)} validation_prompts")
         embeds = self.pipeline.encode_prompt(prompts, negatives, args.guidance_scale > 1.0,
-                                             max_sequence_length=self.model.config["model_max_length"])
+                                             max_sequence_length=self.model.config.model_max_length)
         self.validation_inputs = (prompts, embeds)
 
     def validate(self):

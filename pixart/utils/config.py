@@ -5,6 +5,7 @@ file passed with ``-c`` may set any of those options by their long name. A YAML 
 option is an error that names it, so a typo never passes silently.
 """
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -93,3 +94,10 @@ def _check_value(action, key, value, path):
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{key} in {path} must be one of {list(action.choices)}, got {value!r}")
     return value
+
+
+def config_from_args(cls, args, **changes):
+    """A dataclass config from an argparse namespace: every field the namespace has, by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return cls(**{**values, **changes})

@@ -63,6 +63,9 @@ class PixArtSigmaPipeline:
         # Encode (and cross-attend to) only up to the longest real prompt, bucketed; exact, since
         # padded tokens are masked in T5 and in the DiT (see encode_prompts).
         self.trim_text_tokens = True
+        # A folder for MindSpore's compile cache (graph mode): a later process reuses the denoiser
+        # graph compiled for the same shapes instead of compiling it again. None: off.
+        self.compile_cache = None
 
     # ------------------------------------------------------------------ components
 
@@ -284,6 +287,13 @@ class PixArtSigmaPipeline:
         channels = x.shape[1]
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
+        if self.mode == "graph" and self.compile_cache:
+            from pixart.utils.compile_cache import use_graph_cache
+
+            use_graph_cache(self.compile_cache, {
+                "model": model.config.to_dict(), "class": type(model).__name__, "dtype": str(model.dtype),
+                "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
+                "backend": getattr(model.blocks[0].attn, "backend", None)})
         try:
             for i, t in enumerate(tqdm(sampler_obj.timesteps, disable=not progress, desc="sampling")):
                 model_in = ops.concat([x, x], axis=0) if do_cfg else x

@@ -25,9 +25,11 @@ import numpy as np
 import mindspore as ms
 
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
+from pixart.data.dataset import skip_messages
 from pixart.models.pixart import PE_INTERPOLATION
 from pixart.models.pixart_weights import from_pretrained, save_pixart_ckpt
 from pixart.train import checkpointing as ckpt
+from pixart.train.outputs import refuse_existing_run
 from pixart.train.optim import WarmupSchedule, lr_at, scaled_learning_rate
 from pixart.train.step import TrainStep, draw_step_noise
 from pixart.utils.checkpoint import to_tensor
@@ -85,15 +87,20 @@ class Batch:
 
 
 class BatchStream:
-    """Endless micro-batches over epochs, loaded ``prefetch`` batches ahead by a background thread.
+    """Endless micro-batches of this rank, loaded ``prefetch`` batches ahead by a background thread.
 
-    Batches whose images are all unreadable are skipped (their count is carried to the next one).
-    The order is the sampler's, so it is deterministic; each Batch carries ``sampler.state_dict()``
-    as of its own position, not the thread's read-ahead position.
+    The order is ``sampler.rank_stream()``'s (deterministic, the same global batch sequence for any
+    rank count); each Batch carries the sampler position as of its own place in that order, not
+    the thread's read-ahead position. Batches whose images are all unreadable are skipped (their
+    count is carried to the next batch, for the log). If a whole epoch's worth of this rank's
+    batches in a row yields nothing, the data is broken beyond skipping: a ConfigError is raised
+    (in the training thread, by ``next``) instead of looping forever.
     """
 
     def __init__(self, sampler, load, prefetch=2):
         self.sampler, self.load = sampler, load
+        # This rank's share of one epoch: that many empty batches in a row cannot be bad luck.
+        self.max_empty = -(-sampler.num_global_batches // sampler.world_size)
         self.queue = queue.Queue(maxsize=max(1, prefetch))
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._produce, name="batch-loader", daemon=True)
@@ -101,17 +108,22 @@ class BatchStream:
 
     def _produce(self):
         try:
-            skipped = 0
-            while not self.stopped.is_set():
-                epoch = self.sampler.epoch
-                for indices in self.sampler:
-                    data, n = self.load(indices, epoch)
-                    skipped += n
-                    if data is not None:
-                        self._put(Batch(data, epoch, skipped, self.sampler.state_dict()))
-                        skipped = 0
-                    if self.stopped.is_set():
-                        return
+            skipped, empty, empty_images = 0, 0, 0
+            for epoch, indices, state in self.sampler.rank_stream():
+                data, n = self.load(indices, epoch)
+                skipped += n
+                if data is not None:
+                    self._put(Batch(data, epoch, skipped, state))
+                    skipped, empty, empty_images = 0, 0, 0
+                else:
+                    empty, empty_images = empty + 1, empty_images + len(indices)
+                    if empty >= self.max_empty:
+                        raise ConfigError(
+                            f"none of the last {empty_images} records ({empty} batches in a row, a whole epoch's "
+                            "worth) could be read: the images are damaged or not images (see the 'skipping "
+                            "record' lines); fix or remove them")
+                if self.stopped.is_set():
+                    return
         except BaseException as err:  # handed to the training thread, which raises it
             self._put(err)
 
@@ -155,12 +167,9 @@ class Trainer:
         self._build_model()
         self._build_step()
         self.data_state = self.sampler.state_dict()
+        refuse_existing_run(args.output_path, args.resume)
         if args.resume:
             self._resume(args.resume)
-        elif ckpt.latest_checkpoint(args.output_path):
-            raise ConfigError(f"{args.output_path} already holds the checkpoints of a run "
-                              f"({ckpt.latest_checkpoint(args.output_path)}): pass --resume to continue it, or "
-                              "choose another --output_path")
 
     # ------------------------------------------------------------------ setup
 
@@ -193,11 +202,13 @@ class Trainer:
         self.sampler = BucketBatchSampler(records, self.bins, args.batch_size, shuffle=True, seed=args.seed,
                                           rank=self.rank, world_size=self.world_size, drop_last=True)
         accum = args.gradient_accumulation_steps
-        self.total_steps = args.max_steps or (args.epochs * len(self.sampler)) // accum
+        # Every step consumes world_size × accum global batches of the stream (see BatchStream).
+        per_step = self.world_size * accum
+        self.total_steps = args.max_steps or (args.epochs * self.sampler.num_global_batches) // per_step
         if self.total_steps < 1:
-            raise ConfigError(f"{len(self.sampler)} batch(es) per epoch per rank and {accum} accumulation steps "
-                              f"give no optimizer step in {args.epochs} epoch(s); lower gradient_accumulation_steps "
-                              "or add epochs")
+            raise ConfigError(f"{self.sampler.num_global_batches} batch(es) per epoch for {self.world_size} rank(s) "
+                              f"× {accum} accumulation steps give no optimizer step in {args.epochs} epoch(s); "
+                              "lower gradient_accumulation_steps or add epochs")
 
     def _model_overrides(self):
         args = self.args
@@ -277,9 +288,9 @@ class Trainer:
                                     scale_window=args.scale_window)
         self.ema = self.train_step.ema
         logger.info("optimizer: %s, lr %.3g (%s-scaled for global batch %d = %d × %d rank(s) × %d accumulation), "
-                    "warm-up %d, %s schedule, %d steps (%d micro-batches per epoch per rank)", args.optim, self.lr,
+                    "warm-up %d, %s schedule, %d steps (%d batches per epoch, over all ranks)", args.optim, self.lr,
                     args.auto_lr, global_batch, args.batch_size, self.world_size, accum, args.warmup_steps,
-                    args.scheduler, self.total_steps, len(self.sampler))
+                    args.scheduler, self.total_steps, self.sampler.num_global_batches)
 
     # ------------------------------------------------------------------ inputs
 
@@ -322,6 +333,7 @@ class Trainer:
         window = {"loss": [], "mse": [], "vb": [], "norm": [], "skipped_images": 0, "skipped_steps": 0,
                   "start": time.perf_counter(), "steps": 0, "images": 0}
         batch = None
+        skip_messages.reset()
         logger.info("training from step %d to %d", self.step, self.total_steps)
         try:
             while self.step < self.total_steps:
@@ -410,7 +422,10 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s: starting from step 0", self.args.output_path)
             return
-        tensors, meta = ckpt.read_training_checkpoint(path)
+        try:
+            tensors, meta = ckpt.read_training_checkpoint(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"cannot resume: {err}{ckpt.unreadable_hint(path)}") from None
         stored = meta["run_config"]
         differing = {k: (stored.get(k), v) for k, v in self.run_config().items() if stored.get(k) != v}
         detail = lambda keys: ", ".join(f"{k} {differing[k][0]!r} -> {differing[k][1]!r}" for k in keys)  # noqa: E731

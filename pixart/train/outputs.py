@@ -17,6 +17,7 @@ import logging
 import logging.handlers
 import os
 import socket
+import subprocess
 import sys
 from contextlib import contextmanager
 
@@ -180,3 +181,32 @@ def attach_log_file(path):
         root.removeHandler(memory)
         memory.close()
         root.addHandler(file_handler)
+
+
+# Copies stdin to stdout, putting the prefix before every line that does not already carry one.
+_TAGGER = r"""
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # outlive a Ctrl-C long enough to pass on the last lines
+prefix, out = sys.argv[1].encode(), sys.stdout.buffer
+for line in sys.stdin.buffer:
+    out.write(line if line.startswith(b"[rank ") else prefix + line)
+    out.flush()
+"""
+
+
+def tag_process_output(rank, world_size):
+    """Make every line this process writes to stdout and stderr start with ``[rank r/W]``, also
+    MindSpore's own C++ log lines (``[INFO] DISTRIBUTED(...)``, written straight to the file
+    descriptors, past Python's logging). Each descriptor is routed through a small tagging
+    process, not a thread: C++ code writing while it holds the GIL cannot block it, and what was
+    written before a crash or SIGKILL still comes out. Lines already tagged pass unchanged."""
+    prefix = f"[rank {rank}/{world_size}] "
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        fd = stream.fileno()
+        target = os.dup(fd)
+        tagger = subprocess.Popen([sys.executable, "-S", "-c", _TAGGER, prefix], stdin=subprocess.PIPE,
+                                  stdout=target, close_fds=True)
+        os.dup2(tagger.stdin.fileno(), fd)
+        tagger.stdin.close()  # ``fd`` is now the pipe's only write end here: closed at exit, the tagger ends
+        os.close(target)

@@ -29,7 +29,7 @@ from pixart.data.dataset import skip_messages
 from pixart.models.pixart import PE_INTERPOLATION
 from pixart.models.pixart_weights import from_pretrained, save_pixart_ckpt
 from pixart.train import checkpointing as ckpt
-from pixart.train.outputs import refuse_existing_run
+from pixart.train.outputs import refuse_existing_run, tag_process_output
 from pixart.train.optim import WarmupSchedule, lr_at, scaled_learning_rate
 from pixart.train.step import TrainStep, draw_step_noise
 from pixart.utils.checkpoint import to_tensor
@@ -60,6 +60,7 @@ def init_distributed(use_parallel):
 
     init()
     rank, world = get_rank(), get_group_size()
+    tag_process_output(rank, world)  # MindSpore's own log lines name the rank too
     ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
     return rank, world
 
@@ -329,11 +330,11 @@ class Trainer:
     def train(self):
         args = self.args
         accum = args.gradient_accumulation_steps
+        skip_messages.reset()  # before the loader thread starts
         stream = BatchStream(self.sampler, self._load, prefetch=args.prefetch)
         window = {"loss": [], "mse": [], "vb": [], "norm": [], "skipped_images": 0, "skipped_steps": 0,
                   "start": time.perf_counter(), "steps": 0, "images": 0}
         batch = None
-        skip_messages.reset()
         logger.info("training from step %d to %d", self.step, self.total_steps)
         try:
             while self.step < self.total_steps:

@@ -11,12 +11,11 @@ Flow for the train loop:
     bins = get_bins(1024)
     sampler = BucketBatchSampler(records, bins, batch_size, seed=seed, rank=rank, world_size=n)
     dataset = TrainDataset(records, image_dir, bins, real_prompt_ratio=0.5, seed=seed)
-    for epoch in range(sampler.epoch, epochs):
-        sampler.set_epoch(epoch)
-        for indices in sampler:                                   # one bucket per batch
-            batch, skipped = load_batch(dataset, indices, epoch)  # unreadable images skipped
-            ...
-        # checkpoint: sampler.state_dict(); on resume: sampler.load_state_dict(state)
+    for epoch, indices, state in sampler.rank_stream():           # one bucket per batch, endless
+        batch, skipped = load_batch(dataset, indices, epoch)      # unreadable images skipped
+        ...
+        # checkpoint: state; on resume: sampler.load_state_dict(state)
+    # (per-epoch iteration also works: sampler.set_epoch(e); for indices in sampler: ...)
 
 Everything random is drawn from numpy generators seeded by (seed, epoch[, index]) so a resumed run
 sees exactly the batches, captions and flips the uninterrupted run would have seen.
@@ -51,7 +50,7 @@ SHOWN_SKIPPED_RECORDS = 5
 # Records
 # ----------------------------------------------------------------------------------------------
 
-def load_records(json_path, image_dir, skip_bad_records=False, max_ratio=MAX_RATIO, check_images=True):
+def load_records(json_path, image_dir, skip_bad_records=False, max_ratio=MAX_RATIO, check_images=False):
     """Read and validate the dataset JSON before any training starts.
 
     Every record must have `path` (an existing file under image_dir), `prompt` (str), positive
@@ -203,6 +202,10 @@ class BucketBatchSampler:
     load_state_dict() continues with exactly the remaining batches (also after a change of
     world_size: the remainder is re-sharded). A finished epoch moves the sampler to the next one,
     so iterating again without set_epoch gives a new epoch.
+
+    The train loop uses ``rank_stream()`` instead of per-epoch iteration: one endless global
+    sequence of batches, epoch after epoch, sharded without cutting or padding epochs, so that
+    what a step trains on does not depend on the rank count.
     """
 
     def __init__(self, records, bins, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):

@@ -191,7 +191,9 @@ class Trainer:
             self._load = lambda indices, epoch: load_feature_batch(self.dataset, indices, epoch)
             logger.info("features: %d records from %s", len(records), args.feature_dir)
         else:
-            records, counts = load_records(args.json_path, args.image_dir, skip_bad_records=args.skip_bad_records)
+            # check_images: files that are not images are refused now, not met one by one in training.
+            records, counts = load_records(args.json_path, args.image_dir, skip_bad_records=args.skip_bad_records,
+                                           check_images=True)
             logger.info("data: %d records kept of %d (%d invalid, %d with extreme aspect ratios)", counts["kept"],
                         counts["total"], counts["bad"], counts["extreme_ratio"])
             base = args.image_size

@@ -5,7 +5,8 @@
 
 The YAML config sets defaults for any option below; the command line overrides it. Outputs go to
 --output_path: checkpoints/step-*.ckpt (resume with --resume), samples/step-*/ (validation images),
-final/model.ckpt and final/ema.ckpt (for sample.py --checkpoint), train.log.
+final/model.ckpt and final/ema.ckpt (for sample.py --checkpoint), train.log; train.lock while it runs.
+A refused run writes nothing there (see pixart/train/outputs.py).
 """
 import os
 

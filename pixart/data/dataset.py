@@ -481,7 +481,8 @@ class SkipMessages:
         if self.count <= self.limit:
             logger.warning("skipping record %d: %s", idx, err)
         if self.count == self.limit:
-            logger.warning("further unreadable records are not listed one by one; the step log lines count them")
+            logger.warning("further unreadable records are not listed one by one, only counted (training: in the "
+                           "step log lines)")
 
 
 # One per process: the train loop resets it when it starts.

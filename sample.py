@@ -43,10 +43,18 @@ def build_parser():
     g.add_argument("--imagegrid", type=str2bool, default=False, help="also save all images as one grid")
     g.add_argument("--output_path", default="samples")
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampling_method", choices=["dpm", "sa-solver", "ddim", "iddpm"], default="dpm")
-    g.add_argument("--sampling_steps", type=int, default=None, help="default: 20 dpm, 25 sa-solver, 50 ddim, 100 iddpm")
+    g.add_argument("--sampling_method", choices=["dpm", "sa-solver", "ddim", "iddpm", "lcm"], default="dpm")
+    g.add_argument("--sampling_steps", type=int, default=None,
+                   help="default: 20 dpm, 25 sa-solver, 50 ddim, 100 iddpm, 4 lcm")
+    g.add_argument("--timesteps", type=int, nargs="+", default=None,
+                   help="custom timesteps, descending, instead of --sampling_steps (e.g. 400: PixArt-α-DMD's one step)")
     g.add_argument("--guidance_scale", type=float, default=4.5)
     g.add_argument("--ddim_eta", type=float, default=0.0)
+    g = p.add_argument_group("img2img / inpainting")
+    g.add_argument("--init_image", default=None, help="start from this image (img2img; default size: the image's)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the schedule to run, 0..1 (default 0.8; 1.0 with --mask_image)")
+    g.add_argument("--mask_image", default=None, help="inpainting mask of the init image's size: white = repaint")
     g = p.add_argument_group("model")
     g.add_argument("--version", choices=["sigma", "alpha"], default="sigma", help="PixArt-Σ or PixArt-α pipeline")
     g.add_argument("--image_size", type=int, choices=[256, 512, 1024, 2048, 4096], default=None,
@@ -96,6 +104,17 @@ def check_args(args):
         raise ConfigError("--num_images and --batch_size must be at least 1")
     if args.kv_compress and (args.kv_compress_scale_factor < 2 or not args.kv_compress_layer):
         raise ConfigError("--kv_compress needs --kv_compress_scale_factor >= 2 and --kv_compress_layer")
+    if args.timesteps is not None or args.sampling_method == "lcm":  # the sampler's own checks, before loading
+        from pixart.samplers import build_sampler
+        try:
+            build_sampler(args.sampling_method, args.sampling_steps, timesteps=args.timesteps)
+        except ValueError as err:
+            raise ConfigError(f"--sampling_method {args.sampling_method}: {err}") from None
+    if args.init_image is None and (args.mask_image is not None or args.strength is not None):
+        raise ConfigError("--mask_image and --strength need --init_image")
+    if args.init_image is not None:  # read and checked before any model loads
+        from pixart.pipelines.img2img import check_image_inputs
+        check_image_inputs(args.init_image, args.mask_image, args.strength)
 
 
 def resolve_checkpoint(path):
@@ -214,18 +233,34 @@ def main(argv=None):
         out = pipe(prompt_embeds=pick(embeds), prompt_attention_mask=pick(mask), negative_prompt_embeds=pick(neg),
                    negative_prompt_attention_mask=pick(neg_mask), seed=args.seed + index[0],
                    num_inference_steps=steps, guidance_scale=args.guidance_scale, height=args.image_height,
-                   width=args.image_width, use_resolution_binning=args.use_resolution_binning)
+                   width=args.image_width, use_resolution_binning=args.use_resolution_binning,
+                   timesteps=args.timesteps, image=args.init_image, strength=args.strength, mask_image=args.mask_image)
         for k, image in zip(index, out.images):
             path = os.path.join(args.output_path, f"{k:05d}.png")
             image.save(path, pnginfo=png_metadata(
                 prompt=jobs[k][0], negative_prompt=args.negative_prompt, seed=args.seed + k,
-                steps=steps or pipe_default_steps(args.sampling_method), guidance_scale=args.guidance_scale,
-                sampler=args.sampling_method, size=f"{image.size[0]}x{image.size[1]}", model=model_name))
+                steps=len(args.timesteps) if args.timesteps else steps or pipe_default_steps(args.sampling_method),
+                guidance_scale=args.guidance_scale,
+                sampler=args.sampling_method, size=f"{image.size[0]}x{image.size[1]}", model=model_name,
+                **image_metadata(args)))
             saved.append(image)
             logger.info("saved %s", path)
     if args.imagegrid and saved:
         save_grid(saved, os.path.join(args.output_path, "grid.png"))
     logger.info("done: %d image(s) in %.1fs", len(saved), time.time() - started)
+
+
+def image_metadata(args):
+    """PNG text fields of the few-step / img2img options that were used."""
+    fields = {"timesteps": " ".join(map(str, args.timesteps))} if args.timesteps else {}
+    if args.init_image:
+        from pixart.pipelines.img2img import IMG2IMG_STRENGTH, INPAINT_STRENGTH
+        default = INPAINT_STRENGTH if args.mask_image else IMG2IMG_STRENGTH
+        fields.update(init_image=os.path.basename(args.init_image),
+                      strength=args.strength if args.strength is not None else default)
+        if args.mask_image:
+            fields["mask_image"] = os.path.basename(args.mask_image)
+    return fields
 
 
 def pipe_default_steps(method):

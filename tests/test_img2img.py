@@ -188,3 +188,33 @@ def test_bad_image_input(sigma_folder, tmp_path):
     (tmp_path / "bad.png").write_text("not a png")
     with pytest.raises(ConfigError, match="not a readable image"):
         pipe(PROMPT, image=str(tmp_path / "bad.png"), **FAST)
+
+
+# ---------------------------------------------------------------------------- sample.py
+def test_sample_cli_img2img_and_inpainting(sigma_folder, tmp_path):
+    from PIL import Image
+    from test_sample_cli import assert_one_line_error, run_sample
+
+    image = (make_image(64, 96) * 255).round().astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "init.png")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--pretrained_path", sigma_folder, "--prompt", "a cat", "--init_image", tmp_path / "init.png",
+              "--use_resolution_binning", "False", "--sampling_steps", 4, "--mode", "pynative"]
+    result = run_sample(*common, "--mask_image", tmp_path / "mask.png", "--output_path", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    png = Image.open(tmp_path / "out" / "00000.png")
+    assert png.size == (96, 64)  # the init image's size
+    assert png.text["init_image"] == "init.png" and png.text["mask_image"] == "mask.png"
+    assert png.text["strength"] == "1.0"
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    want = pipe("a cat", image=str(tmp_path / "init.png"), mask_image=str(tmp_path / "mask.png"), seed=42,
+                num_inference_steps=4, use_resolution_binning=False, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(png), np.asarray(want))  # the same pixels as the Python API
+
+    assert_one_line_error(run_sample(*common, "--strength", "1.5"), "strength must be in [0, 1]")
+    Image.fromarray(mask[:32]).save(tmp_path / "small.png")
+    assert_one_line_error(run_sample(*common, "--mask_image", tmp_path / "small.png"),
+                          "mask_image is 96x32 but the init image is 96x64")
+    assert_one_line_error(run_sample("--pretrained_path", sigma_folder, "--strength", "0.5"), "need --init_image")

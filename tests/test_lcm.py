@@ -251,3 +251,20 @@ def test_pipeline_bad_timesteps(lcm_folder):
         pipe("a cat", timesteps=[100, 400], **size)
     with pytest.raises(ConfigError, match="original_inference_steps"):
         pipe("a cat", num_inference_steps=60, **size)
+
+
+def test_sample_cli_timesteps(dmd_folder, tmp_path):
+    from PIL import Image
+    from test_sample_cli import assert_one_line_error, run_sample
+
+    common = ["--pretrained_path", dmd_folder, "--version", "alpha", "--prompt", "a cat", "--image_width", 64,
+              "--image_height", 64, "--use_resolution_binning", "False", "--mode", "pynative"]
+    result = run_sample(*common, "--timesteps", 400, "--guidance_scale", 1, "--output_path", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    png = Image.open(tmp_path / "out" / "00000.png")
+    assert png.text["timesteps"] == "400" and png.text["steps"] == "1"
+    pipe = PixArtAlphaPipeline.from_pretrained(str(dmd_folder))
+    want = pipe("a cat", timesteps=[400], guidance_scale=1.0, seed=42, height=64, width=64,
+                use_resolution_binning=False, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(png), np.asarray(want))
+    assert_one_line_error(run_sample(*common, "--timesteps", 100, 400), "strictly descending")

@@ -67,6 +67,9 @@ class Request:
     steps: int
     guidance_scale: float
     seed: int
+    init_image: str = None   # img2img / inpainting (pixart.pipelines.img2img); None: text-to-image
+    mask_image: str = None
+    strength: float = None
 
 
 def size_label(width, height):
@@ -110,8 +113,15 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
     seed = random.randint(0, MAX_SEED) if form["randomize_seed"] else form["seed"]
     if seed is None or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    init_image, mask_image, strength = form.get("init_image"), form.get("mask_image"), form.get("strength")
+    if mask_image and not init_image:
+        raise ConfigError("A mask needs an init image.")
+    if init_image:  # the pipeline's own checks (strength in [0, 1], the mask's size, a readable image)
+        from pixart.pipelines.img2img import check_image_inputs
+        strength = check_image_inputs(init_image, mask_image or None, strength).strength
     return Request(prompt, (form["negative_prompt"] or "").strip(), width, height, form["sampler"], int(steps),
-                   float(guidance), int(seed))
+                   float(guidance), int(seed), init_image or None, (mask_image or None) if init_image else None,
+                   strength if init_image else None)
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -160,11 +170,16 @@ class Generator:
                         guidance_scale=req.guidance_scale, height=req.height, width=req.width, seed=req.seed,
                         use_resolution_binning=self.args.use_resolution_binning, output_type="pil",
                         sampler=req.sampler, sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None,
-                        callback=on_step, progress=False)
+                        callback=on_step, progress=False, image=req.init_image, mask_image=req.mask_image,
+                        strength=req.strength)
         image = out.images[0]
         fields = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
                       guidance_scale=req.guidance_scale, sampler=req.sampler,
                       size=f"{image.size[0]}x{image.size[1]}", model=self.model_name)
+        if req.init_image:
+            fields.update(init_image=os.path.basename(req.init_image), strength=req.strength)
+            if req.mask_image:
+                fields["mask_image"] = os.path.basename(req.mask_image)
         return image, fields
 
     def save(self, image, fields):
@@ -195,7 +210,7 @@ def offline_theme():
 
 
 FORM = ["prompt", "negative_prompt", "size", "width", "height", "sampler", "steps", "guidance_scale", "seed",
-        "randomize_seed"]  # the order of the page's inputs, as the generate function receives them
+        "randomize_seed", "init_image", "mask_image", "strength"]  # the order of the page's inputs, as the generate function receives them
 
 
 def build_ui(gen):
@@ -226,6 +241,12 @@ def build_ui(gen):
                 with gr.Row():
                     seed_box = gr.Number(label="Seed", value=args.seed, precision=0, elem_id="seed")
                     randomize_box = gr.Checkbox(label="Randomise seed", value=False, elem_id="randomize")
+                with gr.Accordion("Start from an image (img2img, inpainting)", open=False):
+                    init_box = gr.Image(label="Init image (resized and centre-cropped to the size above)",
+                                        type="filepath", sources=["upload"], elem_id="init_image")
+                    mask_box = gr.Image(label="Mask, the init image's size (white = repaint)", type="filepath",
+                                        sources=["upload"], elem_id="mask_image")
+                    strength_box = gr.Slider(0.0, 1.0, step=0.05, value=0.8, label="Strength", elem_id="strength")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 image_box = gr.Image(label="Image", type="filepath", format="png", interactive=False,
@@ -233,7 +254,7 @@ def build_ui(gen):
                 settings_box = gr.JSON(label="Settings", elem_id="settings")
 
         inputs = [prompt, negative, size_box, width_box, height_box, sampler_box, steps_box, guidance_box,
-                  seed_box, randomize_box]
+                  seed_box, randomize_box, init_box, mask_box, strength_box]
 
         def check(*values):
             parse_or_show(gen, values)

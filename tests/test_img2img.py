@@ -217,3 +217,24 @@ def test_sample_cli_img2img_and_inpainting(sigma_folder, tmp_path):
     assert_one_line_error(run_sample(*common, "--mask_image", tmp_path / "small.png"),
                           "mask_image is 96x32 but the init image is 96x64")
     assert_one_line_error(run_sample("--pretrained_path", sigma_folder, "--strength", "0.5"), "need --init_image")
+
+
+def test_demo_form_checks_image_inputs(tmp_path):
+    from PIL import Image
+    from demo import parse_request
+
+    Image.fromarray((make_image(64, 96) * 255).astype(np.uint8)).save(tmp_path / "init.png")
+    Image.fromarray(np.zeros((32, 96), np.uint8)).save(tmp_path / "small.png")
+    form = dict(prompt="a cat", negative_prompt="", size="custom", width=96, height=64, sampler="lcm", steps=4,
+                guidance_scale=1.0, seed=3, randomize_seed=False, init_image=str(tmp_path / "init.png"),
+                mask_image=None, strength=0.5)
+    check = lambda **change: parse_request(dict(form, **change), set(), ["dpm", "lcm"], 50)  # noqa: E731
+    req = check()
+    assert (req.init_image, req.mask_image, req.strength, req.sampler) == (form["init_image"], None, 0.5, "lcm")
+    assert check(init_image=None).strength is None  # text-to-image
+    with pytest.raises(ConfigError, match="strength must be in"):
+        check(strength=1.5)
+    with pytest.raises(ConfigError, match="mask_image is 96x32 but the init image is 96x64"):
+        check(mask_image=str(tmp_path / "small.png"))
+    with pytest.raises(ConfigError, match="A mask needs an init image"):
+        check(init_image=None, mask_image=str(tmp_path / "small.png"))

@@ -68,6 +68,9 @@ class Request:
     steps: int
     guidance_scale: float
     seed: int
+    init_image: str = None   # img2img / inpainting (pixart.pipelines.img2img); None: text-to-image
+    mask_image: str = None
+    strength: float = None
 
 
 def size_label(width, height):
@@ -104,8 +107,15 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
     seed = random.randint(0, MAX_SEED) if form["randomize_seed"] else form["seed"]
     if seed is None or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    init_image, mask_image, strength = form.get("init_image"), form.get("mask_image"), form.get("strength")
+    if mask_image and not init_image:
+        raise ConfigError("A mask needs an init image.")
+    if init_image:  # the pipeline's own checks (strength in [0, 1], the mask's size, a readable image)
+        from pixart.pipelines.img2img import check_image_inputs
+        strength = check_image_inputs(init_image, mask_image or None, strength).strength
     return Request(prompt, (form["negative_prompt"] or "").strip(), width, height, form["sampler"], int(steps),
-                   float(guidance), int(seed))
+                   float(guidance), int(seed), init_image or None, (mask_image or None) if init_image else None,
+                   strength if init_image else None)
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -156,7 +166,8 @@ class Generator:
             num_inference_steps=req.steps, sampler=req.sampler,
             sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None, height=req.height,
             width=req.width, use_resolution_binning=self.args.use_resolution_binning, progress=False,
-            callback=on_step))
+            callback=on_step, image=req.init_image, strength=req.strength if req.init_image else None,
+            mask_image=req.mask_image))
         image, fields = item.image, item.fields
         return image, fields
 
@@ -187,7 +198,7 @@ def offline_theme():
 
 
 FORM = ["prompt", "negative_prompt", "size", "width", "height", "sampler", "steps", "guidance_scale", "seed",
-        "randomize_seed"]  # the order of the page's inputs, as the generate function receives them
+        "randomize_seed", "init_image", "mask_image", "strength"]  # the order of the page's inputs, as the generate function receives them
 
 
 def build_ui(gen):
@@ -218,6 +229,12 @@ def build_ui(gen):
                 with gr.Row():
                     seed_box = gr.Number(label="Seed", value=args.seed, precision=0, elem_id="seed")
                     randomize_box = gr.Checkbox(label="Randomise seed", value=False, elem_id="randomize")
+                with gr.Accordion("Start from an image (img2img, inpainting)", open=False):
+                    init_box = gr.Image(label="Init image (resized and centre-cropped to the size above)",
+                                        type="filepath", sources=["upload"], elem_id="init_image")
+                    mask_box = gr.Image(label="Mask, the init image's size (white = repaint)", type="filepath",
+                                        sources=["upload"], elem_id="mask_image")
+                    strength_box = gr.Slider(0.0, 1.0, step=0.05, value=0.8, label="Strength", elem_id="strength")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 image_box = gr.Image(label="Image", type="filepath", format="png", interactive=False,
@@ -225,7 +242,7 @@ def build_ui(gen):
                 settings_box = gr.JSON(label="Settings", elem_id="settings")
 
         inputs = [prompt, negative, size_box, width_box, height_box, sampler_box, steps_box, guidance_box,
-                  seed_box, randomize_box]
+                  seed_box, randomize_box, init_box, mask_box, strength_box]
 
         def check(*values):
             parse_or_show(gen, values)

@@ -40,9 +40,21 @@ def add_sampler_options(p, steps_default=None, title="sampler"):
     g = p.add_argument_group(title)
     g.add_argument("--sampling_method", choices=SAMPLER_NAMES, default="dpm")
     g.add_argument("--sampling_steps", type=int, default=steps_default,
-                   help="default: 20 dpm, 25 sa-solver, 50 ddim, 100 iddpm")
+                   help="default: 20 dpm, 25 sa-solver, 50 ddim, 100 iddpm, 4 lcm")
+    g.add_argument("--timesteps", type=int, nargs="+", default=None,
+                   help="custom timesteps, descending, instead of --sampling_steps (e.g. 400: PixArt-α-DMD's one step)")
     g.add_argument("--guidance_scale", type=float, default=4.5, help="classifier-free guidance (1 turns it off)")
     g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    return g
+
+
+def add_image_input_options(p):
+    """img2img / inpainting from an init image."""
+    g = p.add_argument_group("img2img / inpainting")
+    g.add_argument("--init_image", default=None, help="start from this image (img2img; default size: the image's)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the schedule to run, 0..1 (default 0.8; 1.0 with --mask_image)")
+    g.add_argument("--mask_image", default=None, help="inpainting mask of the init image's size: white = repaint")
     return g
 
 
@@ -130,6 +142,7 @@ def sample_parser():
     g.add_argument("--imagegrid", type=str2bool, default=False, help="also save all images as one grid")
     g.add_argument("--output_path", default="samples")
     add_sampler_options(p)
+    add_image_input_options(p)
     add_weights_options(p)
     add_architecture_options(p)
     add_lora_options(p)

@@ -55,6 +55,7 @@ class PipelineConfig:
     device_target: Optional[str] = None
     sampling_method: str = "dpm"
     sampling_steps: Optional[int] = None
+    timesteps: Optional[List[int]] = None
     guidance_scale: float = 4.5
     ddim_eta: float = 0.0
     sampler_kwargs: dict = field(default_factory=dict)
@@ -83,6 +84,13 @@ class PipelineConfig:
             raise ConfigError(f"--sampling_steps must be at least 1, got {self.sampling_steps}")
         if self.kv_compress and (self.kv_compress_scale_factor < 2 or not self.kv_compress_layer):
             raise ConfigError("--kv_compress needs --kv_compress_scale_factor >= 2 and --kv_compress_layer")
+        if self.timesteps is not None or self.sampling_method == "lcm":  # the sampler's own checks, before loading
+            from pixart.samplers import build_sampler
+
+            try:
+                build_sampler(self.sampling_method, self.sampling_steps, timesteps=self.timesteps)
+            except ValueError as err:
+                raise ConfigError(f"--sampling_method {self.sampling_method}: {err}") from None
         return self
 
     def check_weights(self, components=True):

@@ -26,7 +26,6 @@ import subprocess
 import tempfile
 
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 
 logger = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ def bf16_to_fp32_op():
 
 def _to_bf16(param):
     if param.dtype != ms.bfloat16:
-        param.set_data(ms.Tensor(param.asnumpy().astype(np.float32), dtype=ms.bfloat16))
+        param.set_dtype(ms.bfloat16)  # in place, round to nearest even (set_data would keep the dtype)
 
 
 class Bf16Linear(nn.Cell):

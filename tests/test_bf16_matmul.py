@@ -91,9 +91,10 @@ def test_use_bf16_gemm_dit_matches_diffusers(tmp_path):
     np.testing.assert_array_equal(fc1.astype(ms.float32).asnumpy(), _round_bf16(fp32_fc1))
     x, t, y, mask = inputs()
     out = ms_forward(model, x, t, y, mask)
-    # exact semantics: fp32 everywhere except bf16-rounded linear inputs and weights
+    # exact semantics: fp32 everywhere except bf16-rounded linear inputs and weights; a bf16
+    # rounding may flip with the summation order (none does here: measured 4e-8), one ulp is 3.9e-3
     exact = torch_forward(_with_rounded_linears(tiny_diffusers()), x, t, y, mask)
-    assert _rel_err(out, exact) < 1e-6
+    assert _rel_err(out, exact) < 4e-3
     # diffusers in bf16 (bf16 activations everywhere): the same to bf16 accuracy
     with torch.no_grad():
         ref_bf16 = reference.to(torch.bfloat16)(

@@ -13,6 +13,13 @@ load hits all of them alike):
 
 Prints the median seconds and GFLOP/s of each, the ratios to ms fp32, the error of ms bf16
 against torch fp32 on the same bf16-rounded operands, and the load average before/after.
+
+    python benchmarks/bench_bf16_gemm.py --dit_step [--size 256] [--mode graph]
+
+instead times one classifier-free-guidance step of the full PixArt-XL/2 (batch 2, 300 text
+tokens, random weights shared by all): ours fp32, ours with use_bf16_gemm, and diffusers in
+torch bf16, interleaved, with each one's max abs difference from ours fp32. (torch fp32 is
+left out to stay within the machine's memory; bench_dit.py measures it.)
 """
 import argparse
 import os
@@ -62,16 +69,87 @@ def candidates(m, k, n, rng):
     return run, error
 
 
+def dit_step(size, repeats, mode):
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart.models.pixart import PE_INTERPOLATION, PixArtMS_XL_2
+    from pixart.models.pixart_weights import diffusers_to_original
+    from pixart.utils.checkpoint import load_into_cell
+
+    latent = size // 8
+    torch.manual_seed(0)
+    ref = PixArtTransformer2DModel(sample_size=latent, interpolation_scale=PE_INTERPOLATION[size],
+                                   caption_channels=4096, use_additional_conditions=False).eval()
+    with torch.no_grad():  # diffusers zero-initialises some projections: make every weight active
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    state = diffusers_to_original({k: v.detach().numpy() for k, v in ref.state_dict().items()})
+    ref = ref.to(torch.bfloat16)
+
+    def ours(bf16_gemm):
+        model = PixArtMS_XL_2(input_size=latent, pe_interpolation=PE_INTERPOLATION[size])
+        load_into_cell(model, {**state, "y_embedder.y_embedding": model.y_embedder.y_embedding.asnumpy()})
+        if bf16_gemm and not bf16_matmul.use_bf16_gemm(model):
+            return None
+        return model.set_train(False)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, latent, latent)).astype(np.float32)
+    t = np.array([500, 500], np.int64)
+    y = (rng.standard_normal((2, 300, 4096)) * 0.1).astype(np.float32)
+    mask = np.zeros((2, 300), np.int64)
+    mask[:, :120] = 1
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    inputs = ms.Tensor(x), ms.Tensor(t.astype(np.int32)), ms.Tensor(y), ms.Tensor(mask.astype(np.int32))
+    tx, tt, ty, tm = torch.from_numpy(x).bfloat16(), torch.from_numpy(t), torch.from_numpy(y).bfloat16(), \
+        torch.from_numpy(mask)
+
+    def torch_bf16():
+        with torch.no_grad():
+            return ref(tx, encoder_hidden_states=ty, timestep=tt, encoder_attention_mask=tm,
+                       return_dict=False)[0].float().numpy()
+
+    run = {}
+    for name, bf16_gemm in (("ours fp32", False), ("ours bf16 GEMM", True)):
+        model = ours(bf16_gemm)
+        if model is not None:
+            run[name] = lambda model=model: model(*inputs).asnumpy()
+    run["torch bf16"] = torch_bf16
+    base = run["ours fp32"]()
+    errors = {name: float(np.abs(fn() - base).max()) for name, fn in run.items()}
+    for fn in run.values():
+        fn()
+    times = {name: [] for name in run}
+    for _ in range(repeats):
+        for name, fn in run.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(f"\nPixArt-XL/2 CFG step {size}² ({mode}), output up to {np.abs(base).max():.3g}:\n"
+          "| denoiser | s/step | vs ours fp32 | max abs diff vs ours fp32 |\n|---|---|---|---|")
+    ref_s = float(np.median(times["ours fp32"]))
+    for name, t_list in times.items():
+        med = float(np.median(t_list))
+        print(f"| {name} | {med:.2f} | {med / ref_s:.2f} | {errors[name]:.2e} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=["dit256", "dit512", "t5"], choices=sorted(SHAPES))
+    parser.add_argument("--dit_step", action="store_true", help="time a full XL-2 CFG step instead")
+    parser.add_argument("--size", type=int, default=256, choices=[256, 512, 1024])
+    parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     args = parser.parse_args(argv)
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"MindSpore {ms.__version__}, torch {torch.__version__}; repeats {args.repeats} (median)")
+    if args.dit_step:
+        dit_step(args.size, args.repeats, args.mode)
+        print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        return
     print("| shape | M×K→N | ms fp32 s | ms bf16 s | torch fp32 s | torch bf16 s | GFLOP/s ms fp32 / ms bf16 / torch bf16 "
           "| ms bf16 speed-up vs ms fp32 | ms bf16 rel. error |")
     print("|---|---|---|---|---|---|---|---|---|")

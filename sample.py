@@ -142,6 +142,10 @@ def build_pipeline(args):
 
     cls = PixArtSigmaPipeline if args.version == "sigma" else PixArtAlphaPipeline
     dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.dtype]
+    # CPU MindSpore has no bf16 kernels: bf16 there means fp32 activations and bf16 GEMMs (pixart.ops)
+    use_bf16_gemm = dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU"
+    if use_bf16_gemm:
+        dtype = ms.float32
     kv = None
     if args.kv_compress:
         kv = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
@@ -150,7 +154,8 @@ def build_pipeline(args):
     if args.lora:  # read and checked before any model loads; merged whenever the DiT loads
         from pixart.models.lora import load_lora
         lora = load_lora(args.lora)
-    common = dict(dtype=dtype, attention_backend=args.attention_backend, sampler=args.sampling_method, mode=args.mode,
+    common = dict(dtype=dtype, use_bf16_gemm=use_bf16_gemm, attention_backend=args.attention_backend,
+                  sampler=args.sampling_method, mode=args.mode,
                   sampler_kwargs={"eta": args.ddim_eta} if args.sampling_method == "ddim" else None)
     lora_name = "+" + os.path.basename(args.lora) if args.lora else ""
     if args.pretrained_path:

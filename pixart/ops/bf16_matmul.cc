@@ -14,6 +14,7 @@
 // success. pixart_bf16_selftest() is a plain C entry point for the loader's self-check.
 
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -52,7 +53,7 @@ thread_local bool tls_in_pool = false;
 // Runs fn(i, n) for i < n on `size` threads (the caller is one of them), synchronously.
 class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
  public:
-  explicit ThreadPool(int size) : size_(std::max(1, size)) {
+  explicit ThreadPool(int size) : size_(std::max(1, size)), owner_(getpid()) {
     for (int w = 1; w < size_; ++w) workers_.emplace_back([this, w] { Work(w); });
   }
   ~ThreadPool() override {
@@ -69,7 +70,8 @@ class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
   uint64_t get_flags() const override { return 0; }  // synchronous
   void parallel_for(int n, const std::function<void(int, int)> &fn) override {
     if (n <= 0) return;
-    if (size_ == 1 || n == 1 || tls_in_pool) {  // nested or trivial: run inline
+    // nested, trivial, or in a forked child (which has none of the workers): run inline
+    if (size_ == 1 || n == 1 || tls_in_pool || getpid() != owner_) {
       for (int i = 0; i < n; ++i) fn(i, n);
       return;
     }
@@ -111,6 +113,7 @@ class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
   }
 
   int size_;
+  pid_t owner_;
   std::vector<std::thread> workers_;
   std::mutex mutex_, call_mutex_;
   std::condition_variable wake_, done_;

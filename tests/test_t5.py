@@ -3,46 +3,30 @@
 Reference models are tiny random transformers ``T5EncoderModel``s saved with save_pretrained;
 the tokenizer is a sentencepiece model trained here on a few lines, saved as a T5Tokenizer folder.
 """
-import io
 import json
 import logging
 import os
-import random
 import sys
 import types
 
 import mindspore as ms
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
-from transformers import T5Config as HFT5Config
-from transformers import T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer
+from transformers import T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from pixart.models import tokenizer as tokenizer_module
-from pixart.models.t5 import Linear, T5Config, T5Encoder, relative_position_buckets
+from pixart.models.t5 import Linear, T5Encoder, relative_position_buckets
 from pixart.ops.bf16_matmul import Bf16Linear
 from pixart.models.tokenizer import PromptTokenizer, encode_prompts, preprocess_text
 from pixart.utils.checkpoint import load_into_cell, read_safetensors, save_safetensors
 from pixart.utils.errors import CheckpointError, ConfigError
+from tiny_models import T5_CONFIGS, make_tokenizer, tiny_t5_ours, tiny_t5_variant
 
 ATOL = 1e-4  # fp32 vs fp32
 
-CONFIGS = {
-    # T5 v1.1 layout (gated-gelu); few buckets and a short max distance so a 37-token input
-    # exercises exact, log-spaced and clamped buckets.
-    "v1.1": dict(vocab_size=256, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                 feed_forward_proj="gated-gelu"),
-    # heads x d_kv != d_model, XXL's bucket settings, another epsilon
-    "wide-heads": dict(vocab_size=256, d_model=24, d_kv=10, d_ff=40, num_layers=3, num_heads=3,
-                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                       feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-5),
-    # original T5 feed-forward (relu, not gated)
-    "relu": dict(vocab_size=256, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                 relative_attention_num_buckets=16, relative_attention_max_distance=10, feed_forward_proj="relu"),
-}
+CONFIGS = T5_CONFIGS
 LINEAR_NAMES = (".q.", ".k.", ".v.", ".o.", ".wi.", ".wi_0.", ".wi_1.", ".wo.")
 HINT = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 
@@ -50,23 +34,8 @@ HINT = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 # ----------------------------------------------------------------------------- helpers
 
 
-def _randomize(model, seed):
-    """Non-trivial weights everywhere: norms 1 ± 0.2, projections ~ N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "layer_norm" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif p.ndim == 2 and any(k in name for k in LINEAR_NAMES):
-                p.copy_(noise / p.shape[1] ** 0.5)
-            else:  # token embedding, relative position bias
-                p.copy_(noise)
-    return model.eval()
-
-
 def _hf_encoder(name, seed=0):
-    return _randomize(T5EncoderModel(HFT5Config(**CONFIGS[name])), seed)
+    return tiny_t5_variant(name, seed)
 
 
 def _inputs(vocab, n=2, length=37, valid=(37, 21), seed=0):
@@ -129,7 +98,7 @@ def test_matches_transformers_fp32(tmp_path, name):
 def test_mask_and_default_mask():
     """Padding never changes the real tokens' outputs; no mask means attend everywhere."""
     reference = _hf_encoder("v1.1", seed=1)
-    encoder = T5Encoder(T5Config(**CONFIGS["v1.1"]))
+    encoder = tiny_t5_ours("v1.1")
     state = {k: v.numpy() for k, v in reference.state_dict().items() if k != "encoder.embed_tokens.weight"}
     load_into_cell(encoder, state)
     ids, mask = _inputs(256, n=1, length=30, valid=(12,))
@@ -172,8 +141,7 @@ def test_embed_tokens_key_and_full_t5_checkpoint(tmp_path):
     ids, mask = _inputs(256)
     _assert_close(_ours(T5Encoder.from_pretrained(tmp_path / "a"), ids, mask), _reference(reference, ids, mask))
 
-    full = T5ForConditionalGeneration(HFT5Config(**CONFIGS["v1.1"], num_decoder_layers=1))
-    _randomize(full, seed=5).save_pretrained(tmp_path / "full")
+    tiny_t5_variant("v1.1", seed=5, full=True).save_pretrained(tmp_path / "full")
     keys = read_safetensors(str(tmp_path / "full" / "model.safetensors")).keys()
     assert any(k.startswith("decoder.") for k in keys)
     expected = _reference(T5EncoderModel.from_pretrained(tmp_path / "full").eval(), ids, mask)
@@ -359,16 +327,8 @@ MESSY = [
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A T5Tokenizer folder around a tiny sentencepiece unigram model (pad 0, </s> 1, <unk> 2)."""
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=100,
-                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
-                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
     folder = tmp_path_factory.mktemp("tokenizer")
-    spiece = folder / "spiece.model"
-    spiece.write_bytes(model.getvalue())
-    T5Tokenizer(str(spiece), legacy=False).save_pretrained(folder)
+    make_tokenizer(folder, words=WORDS)
     return folder
 
 

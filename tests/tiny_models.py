@@ -16,10 +16,11 @@ WORDS = ("a cat dog red blue green small large photo of the on in with house tre
 T5_DIM = 32
 
 
-def make_tokenizer(folder, seed=0):
-    """A T5Tokenizer folder around a unigram sentencepiece model (pad 0, </s> 1, <unk> 2)."""
+def make_tokenizer(folder, seed=0, words=WORDS):
+    """A T5Tokenizer folder around a unigram sentencepiece model (pad 0, </s> 1, <unk> 2) trained on
+    random 12-word lines of ``words``."""
     rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=100,
                                    hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
@@ -97,6 +98,55 @@ def tiny_pixart(fixed_grid=False, **overrides):
 
     runtime = {k: overrides.pop(k) for k in ("attention_backend", "dtype", "initialize") if k in overrides}
     return build_pixart(PixArtConfig.preset("tiny", **overrides), fixed_grid=fixed_grid, **runtime)
+
+
+# T5 variants for the T5 parity tests.
+T5_CONFIGS = {
+    # T5 v1.1 layout (gated-gelu); few buckets and a short max distance so a 37-token input
+    # exercises exact, log-spaced and clamped buckets.
+    "v1.1": dict(vocab_size=256, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                 feed_forward_proj="gated-gelu"),
+    # heads x d_kv != d_model, XXL's bucket settings, another epsilon
+    "wide-heads": dict(vocab_size=256, d_model=24, d_kv=10, d_ff=40, num_layers=3, num_heads=3,
+                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                       feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-5),
+    # original T5 feed-forward (relu, not gated)
+    "relu": dict(vocab_size=256, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                 relative_attention_num_buckets=16, relative_attention_max_distance=10, feed_forward_proj="relu"),
+}
+_T5_LINEARS = (".q.", ".k.", ".v.", ".o.", ".wi.", ".wi_0.", ".wi_1.", ".wo.")
+
+
+def randomize_t5(model, seed):
+    """Non-trivial weights everywhere: norms 1 ± 0.2, projections ~ N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "layer_norm" in name:
+                p.copy_(1 + 0.2 * noise)
+            elif p.ndim == 2 and any(k in name for k in _T5_LINEARS):
+                p.copy_(noise / p.shape[1] ** 0.5)
+            else:  # token embedding, relative position bias
+                p.copy_(noise)
+    return model.eval()
+
+
+def tiny_t5_variant(name, seed=0, full=False):
+    """A randomised transformers T5 encoder of ``T5_CONFIGS[name]`` (``full``: encoder-decoder)."""
+    from transformers import T5ForConditionalGeneration
+
+    if full:
+        return randomize_t5(T5ForConditionalGeneration(T5Config(**T5_CONFIGS[name], num_decoder_layers=1)), seed)
+    return randomize_t5(T5EncoderModel(T5Config(**T5_CONFIGS[name])), seed)
+
+
+def tiny_t5_ours(name):
+    """Our MindSpore T5 encoder of ``T5_CONFIGS[name]`` (zero weights: load some)."""
+    from pixart.models.t5 import T5Config as OurT5Config, T5Encoder
+
+    return T5Encoder(OurT5Config(**T5_CONFIGS[name]))
 
 
 def tiny_t5(vocab_size, seed=0):

@@ -430,6 +430,9 @@ class PixArtMS(nn.Cell):
 
     def to_dtype(self, dtype):
         """Cast every parameter to ``dtype`` (norms and softmax still compute in fp32)."""
+        if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+            raise ConfigError("bf16 parameters have no MindSpore CPU kernels (Conv2D, MatMul): on CPU keep fp32 "
+                              "parameters with bf16 GEMMs (pipelines: dtype bf16, i.e. use_bf16_gemm) or use fp16")
         for _, param in self.parameters_and_names():
             if param.dtype != dtype:
                 param.set_dtype(dtype)  # set_data(param.astype(dtype)) would keep the fp32 dtype

@@ -79,7 +79,7 @@ def test_square_and_non_square_match_diffusers(diffusers_folder, h, w):
     out = ms_forward(model, x, t, y, mask)
     assert out.shape == (2, 8, h, w)
     assert np.abs(ref).mean() > 0.1  # a real signal, not zeros
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
 def test_text_mask_is_honoured(diffusers_folder):
@@ -91,7 +91,7 @@ def test_text_mask_is_honoured(diffusers_folder):
     y2[0, 2:] += 5.0  # only padded tokens of sample 0 change
     np.testing.assert_allclose(ms_forward(model, x, t, y2, mask)[0], out[0], atol=1e-5)
     ref = torch_forward(PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval(), x, t, y, mask)
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
@@ -102,7 +102,7 @@ def test_interpolation_scales(tmp_path, scale):
     assert model.pe_interpolation == scale
     x, t, y, mask = inputs(h=8, w=16)
     np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref_model, x, t, y, mask),
-                               atol=1e-4, rtol=0)
+                               atol=1e-5, rtol=0)
 
 
 def test_micro_conditions_match_diffusers(tmp_path):
@@ -118,7 +118,7 @@ def test_micro_conditions_match_diffusers(tmp_path):
     ref = torch_forward(ref_model, x, t, y, mask,
                         added={"resolution": torch.from_numpy(resolution), "aspect_ratio": torch.from_numpy(ratio)})
     out = ms_forward(model, x, t, y, mask, resolution=resolution, aspect_ratio=ratio)
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
 def test_graph_mode_equals_pynative(diffusers_folder):
@@ -146,7 +146,7 @@ def test_original_pth_loads_and_matches(diffusers_folder, tmp_path, wrapper):
     model = from_pretrained(path, use_ema=wrapper == "ema", num_heads=HEADS, input_size=8, pe_interpolation=1.0)
     x, t, y, mask = inputs(h=8, w=12)
     ref = torch_forward(PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval(), x, t, y, mask)
-    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), ref, atol=1e-5, rtol=0)
 
 
 def run_convert(*args):
@@ -181,7 +181,7 @@ def test_convert_pth_to_ckpt_to_diffusers_and_back_is_exact(diffusers_folder, tm
     x, t, y, mask = inputs()
     model = from_pretrained(ckpt)  # architecture stored in the .ckpt
     assert model.config.num_heads == HEADS
-    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref, x, t, y, mask), atol=1e-4)
+    np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref, x, t, y, mask), atol=1e-5, rtol=0)
 
 
 def test_convert_dtype_and_bad_input(diffusers_folder, tmp_path):
@@ -268,7 +268,7 @@ def test_kv_compression_matches_numpy(mode, scale, gh, gw):
     ref, kept = _np_kv_attention(x, get("qkv"), bias("qkv"), get("proj"), bias("proj"), get("sr"), bias("sr"),
                                  get("norm"), bias("norm"), 2, gh, gw, mode, scale)
     assert kept < gh * gw and out.shape == x.shape
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
 def test_kv_conv_starts_as_average_and_loads_by_original_names(tmp_path):

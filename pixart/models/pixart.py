@@ -97,10 +97,16 @@ def expand_tokens(v, tokens):
 
 
 def timestep_frequencies(dim, max_period=10000):
-    """(dim/2,) fp32 frequencies of the timestep sinusoid, computed on the host in float64:
-    MindSpore's CPU exp is only accurate to ~5e-6, which t≈1000 turns into 1e-3 errors."""
+    """(dim/2,) fp32 frequencies of the timestep sinusoid, computed once on the host.
+
+    The exponent ``-ln(max_period) * i / (dim/2)`` is rounded to float32 step by step, as the
+    original PixArt and diffusers compute it (a float64 exponent moves the sinusoid by ~2.5e-5 at
+    t≈999); its exp is then taken exactly (float64, rounded once), because MindSpore's CPU exp is
+    only accurate to ~5e-6, which t≈1000 would turn into 1e-3 errors.
+    """
     half = dim // 2
-    return ms.Tensor(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return ms.Tensor(np.exp(exponent.astype(np.float64)).astype(np.float32))
 
 
 def timestep_embedding(t, freqs):

@@ -131,27 +131,65 @@ def test_graph_mode_equals_pynative(diffusers_folder):
 
 
 def original_pth(folder, path, wrapper="state_dict"):
-    """Write diffusers weights as an original-layout training checkpoint (.pth) with a pos_embed buffer."""
+    """Write diffusers weights as an original-layout .pth with a pos_embed buffer.
+
+    ``wrapper="official"`` writes what the official PixArt ``save_checkpoint`` writes during
+    training: {state_dict, state_dict_ema, optimizer, scheduler, epoch}, the EMA weights being the
+    diffusers weights and ``state_dict`` a perturbed copy (so loading the wrong one shows).
+    Returns the original-layout tensors.
+    """
     state = read_state_dict(folder)
     original = {k: torch.from_numpy(np.array(v)) for k, v in diffusers_to_original(state).items()}
     original["pos_embed"] = torch.zeros(1, 16, HEADS * HEAD_DIM)
     original["y_embedder.y_embedding"] = torch.randn(TOKENS, CAPTION)
-    torch.save({wrapper: original} if wrapper else original, path)
+    if wrapper == "official":
+        trained = {k: v + 0.05 for k, v in original.items()}
+        optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+                     "param_groups": [{"lr": 2e-5, "betas": (0.9, 0.999), "params": [0]}]}
+        torch.save({"state_dict": trained, "state_dict_ema": original, "optimizer": optimizer,
+                    "scheduler": {"last_epoch": 3, "_step_count": 4}, "epoch": 3}, path)
+    else:
+        torch.save({wrapper: original} if wrapper else original, path)
+    return original
 
 
-@pytest.mark.parametrize("wrapper", ["state_dict", "ema", None])
+@pytest.mark.parametrize("wrapper", ["state_dict", "official", None])
 def test_original_pth_loads_and_matches(diffusers_folder, tmp_path, wrapper):
     path = str(tmp_path / "PixArt-Sigma-XL-2-512-MS.pth")
     original_pth(diffusers_folder, path, wrapper)
-    model = from_pretrained(path, use_ema=wrapper == "ema", num_heads=HEADS, input_size=8, pe_interpolation=1.0)
+    model = from_pretrained(path, use_ema=wrapper == "official", num_heads=HEADS, input_size=8, pe_interpolation=1.0)
     x, t, y, mask = inputs(h=8, w=12)
     ref = torch_forward(PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval(), x, t, y, mask)
     np.testing.assert_allclose(ms_forward(model, x, t, y, mask), ref, atol=1e-5, rtol=0)
 
 
+def test_official_training_checkpoint_ema(diffusers_folder, tmp_path):
+    """state_dict_ema is what --use_ema reads; without --use_ema it is state_dict; a checkpoint
+    without EMA weights refuses --use_ema in one line naming its keys."""
+    path = str(tmp_path / "epoch_3_step_300.pth")
+    original = original_pth(diffusers_folder, path, "official")
+    ema, _ = load_pixart_state(path, use_ema=True)
+    trained, _ = load_pixart_state(path)
+    for name, value in original.items():
+        if name != "pos_embed":
+            np.testing.assert_array_equal(ema[name], value.numpy())
+            np.testing.assert_array_equal(trained[name], value.numpy() + np.float32(0.05))
+    plain = str(tmp_path / "no_ema.pth")
+    torch.save({"state_dict": original, "optimizer": {}, "scheduler": {}, "epoch": 1}, plain)
+    with pytest.raises(CheckpointError) as err:
+        load_pixart_state(plain, use_ema=True)
+    message = str(err.value)
+    assert "\n" not in message and "no EMA weights" in message
+    assert "it holds: state_dict, optimizer, scheduler, epoch" in message
+    result = run_convert("--source", plain, "--target", str(tmp_path / "x.ckpt"), "--use_ema")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no EMA weights" in result.stderr
+
+
 def run_convert(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
+    # PYTHONPATH: tools/convert.py must import this checkout's package, not an installed one
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_convert_pth_to_ckpt_to_diffusers_and_back_is_exact(diffusers_folder, tmp_path):

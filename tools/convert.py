@@ -4,7 +4,7 @@
     python tools/convert.py --source transformer/ --target model.ckpt --dtype fp16
     python tools/convert.py --source model.ckpt --target out/transformer --to diffusers --image_size 1024
 
-The source may be an original .pth (``state_dict``, ``ema`` or bare), an original- or diffusers-
+The source may be an original .pth (``state_dict``, ``state_dict_ema`` with --use_ema, or bare), an original- or diffusers-
 layout .safetensors, a diffusers ``transformer/`` folder or a .ckpt; the layout is detected. A .ckpt
 target holds original key names plus the architecture as JSON; the loader reads every source
 directly, so converting is optional.
@@ -42,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--target", required=True, help=".ckpt file, or a folder with --to diffusers")
     p.add_argument("--to", choices=["ckpt", "diffusers"], default="ckpt", help="target layout (default: ckpt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
-    p.add_argument("--use_ema", action="store_true", help="take the 'ema' weights of a training checkpoint")
+    p.add_argument("--use_ema", action="store_true", help="take the EMA weights of a training checkpoint (state_dict_ema, as the official code saves them)")
     p.add_argument("--image_size", type=int, default=None,
                    help="base resolution (256/512/1024/2048/4096); default: from the file name or stored config")
     p.add_argument("--num_heads", type=int, default=None,

@@ -171,7 +171,7 @@ def load_pixart_state(path, use_ema=False):
     """
     raw = read_state_dict(path)
     stored = raw.pop("pixart_config", None)
-    state = unwrap_state_dict(raw, prefer="ema" if use_ema else "state_dict")
+    state = unwrap_state_dict(raw, use_ema=use_ema, source=path)
     state = {k: v for k, v in state.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
     config = {}
     folder = path if os.path.isdir(path) else os.path.dirname(path)

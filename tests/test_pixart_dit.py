@@ -121,6 +121,31 @@ def test_micro_conditions_match_diffusers(tmp_path):
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_official_calling_convention_tiles_per_prompt_inputs(tmp_path, mode):
+    """Code ported from the official sampler passes 2B latents and captions (unconditional and
+    conditional) with B rows of mask / img_hw / aspect_ratio: they are tiled as the official model
+    does; a row count that does not divide the batch is a one-line error."""
+    ref_model = tiny_diffusers(sample_size=16, interpolation_scale=2.0, micro=True, seed=4, heads=3)
+    ref_model.save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path))
+    x, t, y, mask = inputs(batch=4, h=16, w=8)
+    half_mask = mask[:2]
+    resolution = np.array([[1024.0, 512.0], [512.0, 1024.0]], np.float32)
+    ratio = np.array([[2.0], [0.5]], np.float32)
+    tiled = dict(resolution=np.tile(resolution, (2, 1)), aspect_ratio=np.tile(ratio, (2, 1)))
+    ref = torch_forward(ref_model, x, t, y, np.tile(half_mask, (2, 1)),
+                        added={k: torch.from_numpy(v) for k, v in tiled.items()})
+    ms.set_context(mode=mode)
+    out = ms_forward(model, x, t, y, half_mask, resolution=resolution, aspect_ratio=ratio)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(out, ms_forward(model, x, t, y, np.tile(half_mask, (2, 1)), **tiled))
+    if mode == ms.PYNATIVE_MODE:
+        with pytest.raises(ValueError, match=r"^PixArt got 4 latents but 3 rows of mask; give 4 rows") as err:
+            ms_forward(model, x, t, y, mask[:3], **tiled)
+        assert "\n" not in str(err.value)
+
+
 def test_graph_mode_equals_pynative(diffusers_folder):
     model = from_pretrained(diffusers_folder)
     x, t, y, mask = inputs(h=8, w=12)

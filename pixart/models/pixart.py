@@ -96,6 +96,18 @@ def expand_tokens(v, tokens):
     return ops.tile(v, (1, tokens, 1))
 
 
+def tile_rows(v, batch, name):
+    """(B, ...) -> (batch, ...) by tiling, when batch is a multiple of B: the official PixArt
+    models repeat per-prompt inputs (mask, image size, aspect ratio) this way for the 2B rows of a
+    guided forward. Other row counts are an error naming the input."""
+    if v is None or v.shape[0] == batch:
+        return v
+    if v.shape[0] == 0 or batch % v.shape[0]:
+        raise ValueError(f"PixArt got {batch} latents but {v.shape[0]} rows of {name}; give {batch} rows "
+                         f"(or a divisor of {batch}, which is tiled as the official model does)")
+    return ops.tile(v, (batch // v.shape[0],) + (1,) * (v.ndim - 1))
+
+
 def timestep_frequencies(dim, max_period=10000):
     """(dim/2,) fp32 frequencies of the timestep sinusoid, computed once on the host.
 
@@ -464,11 +476,19 @@ class PixArtMS(nn.Cell):
             mask: (N, L) 1 for real tokens, 0 for padding; None attends to all.
             resolution: (N, 2) image (height, width) and aspect_ratio (N, 1): micro-conditions.
             drop_ids: (N,) bool, replace those captions by the null caption (training).
+
+            mask, resolution and aspect_ratio may also have N/k rows (the official sampler passes
+            B rows with 2B latents under guidance); they are then tiled k times, as the official
+            model does.
         Returns:
             (N, C_out, H, W), C_out = 2C with learned sigma.
         """
         dtype = self.dtype
+        batch = x.shape[0]
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if self.micro_condition:
+            resolution = tile_rows(resolution, batch, "resolution")
+            aspect_ratio = tile_rows(aspect_ratio, batch, "aspect_ratio")
         if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
             raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
         x = self.x_embedder(x.astype(dtype)) + self.pos_embed(grid_h, grid_w).astype(dtype)
@@ -482,7 +502,7 @@ class PixArtMS(nn.Cell):
         if mask is None:
             text_bias = None
         else:  # expanded once here so the 28 blocks add it shape-for-shape (see expand_tokens)
-            bias = mask_to_bias(mask.reshape(mask.shape[0], -1))
+            bias = mask_to_bias(tile_rows(mask.reshape(mask.shape[0], -1), batch, "mask"))
             heads = self.blocks[0].cross_attn.num_heads
             text_bias = ops.broadcast_to(bias, (bias.shape[0], heads, x.shape[1], bias.shape[-1]))
         for block in self.blocks:

@@ -72,7 +72,7 @@ def add_architecture_options(p):
     g.add_argument("--pe_interpolation", type=float, default=None,
                    help="position-embedding interpolation (default: by image_size, Σ: 256 0.5, 512 1, 1024 2, ...)")
     g.add_argument("--kv_compress", type=str2bool, default=False, help="KV token compression (PixArt-Σ 2K/4K)")
-    g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"], default="conv")
+    g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform", "uniform_every"], default="conv")
     g.add_argument("--kv_compress_scale_factor", type=int, default=1)
     g.add_argument("--kv_compress_layer", type=int, nargs="*", default=None)
     g.add_argument("--attention_backend", choices=["auto", "math", "flash"], default="auto")

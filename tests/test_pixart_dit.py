@@ -301,6 +301,8 @@ def _np_kv_attention(x, qkv_w, qkv_b, proj_w, proj_b, sr_w, sr_b, nw, nb, heads,
             return _np_layernorm(out.reshape(n, -1, d), nw, nb)
         if mode == "ave":
             return grid[:, 0:(gh // s) * s:s, 0:(gw // s) * s:s].reshape(n, -1, d)
+        if mode == "uniform_every":  # every s-th token of the flat sequence
+            return z[:, ::s]
         return grid[:, ::s, ::s].reshape(n, -1, d)
 
     k, v = compress(k), compress(v)
@@ -314,7 +316,8 @@ def _np_kv_attention(x, qkv_w, qkv_b, proj_w, proj_b, sr_w, sr_b, nw, nb, heads,
 
 
 @pytest.mark.parametrize("mode,scale,gh,gw", [("conv", 2, 4, 6), ("ave", 2, 4, 6), ("uniform", 2, 6, 4),
-                                              ("conv", 3, 6, 3)])
+                                              ("conv", 3, 6, 3), ("uniform_every", 2, 4, 6),
+                                              ("uniform_every", 3, 3, 4)])
 def test_kv_compression_matches_numpy(mode, scale, gh, gw):
     model = PixArtMS(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=CAPTION,
                      model_max_length=TOKENS, kv_compress_config={"sampling": mode, "scale_factor": scale,

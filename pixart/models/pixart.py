@@ -20,7 +20,7 @@ from pixart.models.layers import gelu_tanh
 from pixart.utils.checkpoint import to_tensor
 from pixart.utils.errors import ConfigError
 
-KV_COMPRESS_MODES = ("conv", "ave", "uniform")
+KV_COMPRESS_MODES = ("conv", "ave", "uniform", "uniform_every")
 
 
 @dataclass
@@ -242,7 +242,9 @@ class SelfAttention(nn.Cell):
 
     KV compression (PixArt-Σ) shortens only K and V by ``scale`` along each grid axis, so the
     output keeps all T tokens: ``conv`` is a depthwise stride-``scale`` convolution followed by an
-    affine LayerNorm, ``ave`` nearest-neighbour downsampling, ``uniform`` a strided slice.
+    affine LayerNorm, ``ave`` nearest-neighbour downsampling, ``uniform`` a strided slice of the
+    grid, ``uniform_every`` every ``scale``-th token of the flattened sequence (the official
+    PixArt-Σ modes).
     """
 
     def __init__(self, dim, num_heads, kv_compress=None, kv_scale=1, qk_norm=False, backend="math"):
@@ -269,6 +271,8 @@ class SelfAttention(nn.Cell):
             x = x.transpose(0, 2, 1).reshape(n, d, grid_h, grid_w)
             x = self.sr(x)
             return self.norm(x.reshape(n, d, -1).transpose(0, 2, 1))
+        if self.kv_compress == "uniform_every":  # row-major token order, not the grid
+            return x[:, ::s, :]
         x = x.reshape(n, grid_h, grid_w, d)
         if self.kv_compress == "ave":  # nearest: rows/cols i*s, floor(H/s) of them
             x = x[:, : (grid_h // s) * s : s, : (grid_w // s) * s : s, :]

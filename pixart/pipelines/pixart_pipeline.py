@@ -18,7 +18,7 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
-from pixart.tables import PE_INTERPOLATION
+from pixart.tables import PE_INTERPOLATION, pe_interpolation_for
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -46,6 +46,7 @@ class PixArtSigmaPipeline:
     """
 
     default_max_length = 300
+    version = "sigma"
 
     def __init__(self, transformer, vae, tokenizer, text_encoder=None, sampler="dpm", sampler_kwargs=None,
                  low_memory=True, schedule=None, mode="pynative"):
@@ -125,8 +126,8 @@ class PixArtSigmaPipeline:
                         lora_scale=1.0, **kwargs):
         """Build from the seed layout: a DiT checkpoint (.ckpt/.pth/.safetensors or transformer/
         folder) plus vae/, text_encoder/ and tokenizer/ folders. ``image_size`` (256...4096) sets the
-        base resolution (and the Σ pe_interpolation for it; ``pe_interpolation`` overrides, e.g. 1.0
-        for PixArt-α 256/512). ``lora`` (a path or ``load_lora``'s result) is merged into the DiT
+        base resolution and the published pe_interpolation for it and this pipeline's version (α 256
+        is 1.0, Σ 256 0.5; ``pe_interpolation`` overrides). ``lora`` (a path or ``load_lora``'s result) is merged into the DiT
         each time it loads, with ``lora_scale``."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
@@ -137,7 +138,7 @@ class PixArtSigmaPipeline:
         if image_size is not None:
             if image_size not in PE_INTERPOLATION:
                 raise ConfigError(f"image_size must be one of {sorted(PE_INTERPOLATION)}, got {image_size}")
-            overrides.update(input_size=image_size // 8, pe_interpolation=PE_INTERPOLATION[image_size])
+            overrides.update(input_size=image_size // 8, pe_interpolation=pe_interpolation_for(image_size, cls.version))
         if pe_interpolation is not None:
             overrides["pe_interpolation"] = float(pe_interpolation)
         if kv_compress_config:
@@ -355,6 +356,7 @@ class PixArtAlphaPipeline(PixArtSigmaPipeline):
     """PixArt-α: 120 text tokens; the 1024-MS model adds image-size micro-conditions."""
 
     default_max_length = 120
+    version = "alpha"
 
     def micro_conditions(self, height, width, batch):
         if not self.transformer.micro_condition:

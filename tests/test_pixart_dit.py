@@ -247,6 +247,79 @@ def test_convert_pth_to_ckpt_to_diffusers_and_back_is_exact(diffusers_folder, tm
     np.testing.assert_allclose(ms_forward(model, x, t, y, mask), torch_forward(ref, x, t, y, mask), atol=1e-5, rtol=0)
 
 
+def _original_pth(folder, path, tokens):
+    """diffusers weights as a released original .pth ({"state_dict"}), null caption of ``tokens``."""
+    original = {k: torch.from_numpy(np.array(v)) for k, v in diffusers_to_original(read_state_dict(folder)).items()}
+    original["y_embedder.y_embedding"] = torch.randn(tokens, CAPTION)
+    torch.save({"state_dict": original}, path)
+
+
+def test_alpha_256_uses_pe_interpolation_1_everywhere(tmp_path):
+    """PixArt-α 256: the released diffusers config leaves interpolation_scale unset (diffusers then
+    uses 1); tools/convert.py, from_components(image_size=256) and the α 256 config all say 1.0,
+    while the Σ 256 model keeps 0.5."""
+    import yaml
+
+    from pixart.pipelines.pixart_pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    ref_model = tiny_diffusers(sample_size=32, interpolation_scale=None, seed=5)
+    ref_model.save_pretrained(tmp_path / "transformer")
+    assert json.loads((tmp_path / "transformer" / "config.json").read_text())["interpolation_scale"] is None
+    x, t, y, mask = inputs(h=32, w=32)
+    ref = torch_forward(ref_model, x, t, y, mask)
+    assert from_pretrained(str(tmp_path / "transformer")).pe_interpolation == 1.0
+
+    alpha_pth, sigma_pth = tmp_path / "PixArt-XL-2-256x256.pth", tmp_path / "PixArt-Sigma-XL-2-256x256.pth"
+    _original_pth(tmp_path / "transformer", alpha_pth, tokens=120)
+    _original_pth(tmp_path / "transformer", sigma_pth, tokens=300)
+    for pth, expected in ((alpha_pth, 1.0), (sigma_pth, 0.5)):
+        result = run_convert("--source", pth, "--target", pth.with_suffix(".ckpt"), "--num_heads", HEADS)
+        assert result.returncode == 0, result.stderr
+        _, config = load_pixart_state(str(pth.with_suffix(".ckpt")))
+        assert (config["input_size"], config["pe_interpolation"]) == (32, expected), pth.name
+    alpha = PixArtAlphaPipeline.from_components(str(alpha_pth.with_suffix(".ckpt")), "-", "-", "-",
+                                                image_size=256).transformer
+    sigma = PixArtSigmaPipeline.from_components(str(sigma_pth.with_suffix(".ckpt")), "-", "-", "-",
+                                                image_size=256).transformer
+    assert (alpha.pe_interpolation, sigma.pe_interpolation) == (1.0, 0.5)
+    np.testing.assert_allclose(ms_forward(alpha, x, t, y, mask), ref, atol=1e-5, rtol=0)
+    with open(os.path.join(ROOT, "configs", "inference", "pixart-alpha-256x256.yaml")) as f:
+        yaml_config = yaml.safe_load(f)
+    assert (yaml_config["version"], yaml_config["image_size"], yaml_config["pe_interpolation"]) == ("alpha", 256, 1.0)
+    assert os.path.basename(yaml_config["checkpoint"]) == "PixArt-XL-2-256x256.ckpt"
+
+
+def test_trained_run_exports_to_original_and_diffusers(diffusers_folder, tmp_path):
+    """A run's final/ema.ckpt becomes an official-layout .safetensors (--to original) and a folder
+    diffusers' PixArtTransformer2DModel loads (--to diffusers), both giving the run's output."""
+    model = from_pretrained(diffusers_folder, model_max_length=TOKENS)
+    model.y_embedder.y_embedding.set_data(ms.Tensor(np.random.default_rng(3).standard_normal((TOKENS, CAPTION)),
+                                                    ms.float32))
+    ckpt = tmp_path / "run" / "final" / "ema.ckpt"
+    save_pixart_ckpt(model, str(ckpt), extra={"train_step": "10", "base_model": "x"})  # as train.py's export
+    x, t, y, mask = inputs(h=8, w=12)
+    expected = ms_forward(model, x, t, y, mask)
+
+    folder, original = tmp_path / "diffusers", tmp_path / "official.safetensors"
+    for args in (("--to", "diffusers", "--target", folder), ("--to", "original", "--target", original)):
+        result = run_convert("--source", ckpt, *args)
+        assert result.returncode == 0, result.stderr
+    ref = PixArtTransformer2DModel.from_pretrained(str(folder)).eval()
+    np.testing.assert_allclose(torch_forward(ref, x, t, y, mask), expected, atol=1e-5, rtol=0)
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(original))
+    names = {n for n, _ in model.parameters_and_names()}
+    assert set(tensors) == names | {"pos_embed"} and "y_embedder.y_embedding" in tensors
+    assert tuple(tensors["pos_embed"].shape) == (1, 16, HEADS * HEAD_DIM)  # the 4×4 base grid's buffer
+    np.testing.assert_array_equal(tensors["blocks.1.attn.qkv.weight"].numpy(), model.blocks[1].attn.qkv.weight.asnumpy())
+    torch.save({"state_dict": tensors}, tmp_path / "official.pth")  # what the official loaders read
+    from_pth = from_pretrained(str(tmp_path / "official.pth"), num_heads=HEADS, input_size=8, pe_interpolation=1.0)
+    np.testing.assert_array_equal(ms_forward(from_pth, x, t, y, mask), expected)
+    assert from_pretrained(str(original)).config == model.config  # the architecture rides in the metadata
+
+
 def test_convert_dtype_and_bad_input(diffusers_folder, tmp_path):
     result = run_convert("--source", diffusers_folder, "--target", str(tmp_path / "h.ckpt"), "--dtype", "fp16")
     assert result.returncode == 0, result.stderr

@@ -22,6 +22,7 @@ from pixart.tables import PE_INTERPOLATION, pe_interpolation_for
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler
 from pixart.utils.errors import CheckpointError, ConfigError
+from pixart.utils.hub import resolve_pretrained
 
 SIGMA_COMPONENTS_REPO = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 
@@ -101,7 +102,9 @@ class PixArtSigmaPipeline:
     def from_pretrained(cls, path, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
                         attention_backend="auto", **kwargs):
         """Build from a diffusers-format folder (model_index.json, transformer/, text_encoder/,
-        tokenizer/, vae/, scheduler/); the architecture is read from their configs."""
+        tokenizer/, vae/, scheduler/); the architecture is read from their configs. ``path`` may be
+        a Hugging Face repo id (pixart.utils.hub.resolve_pretrained: HF cache, or a download)."""
+        path = resolve_pretrained(path, what="pipeline folder")
         if not os.path.isdir(path):
             raise CheckpointError(f"pipeline folder {path} does not exist")
         for sub in ("transformer", "vae", "text_encoder", "tokenizer"):

@@ -166,3 +166,50 @@ def test_own_adapters_export_to_peft(tmp_path, peft_files):
     fresh = from_pretrained(str(root / "base"))
     merge_lora(fresh, str(tmp_path / "single.safetensors"))
     np.testing.assert_allclose(ms_forward(fresh, x, t, y, mask), adapted, atol=1e-5, rtol=0)
+
+
+def test_sample_py_merges_a_kohya_lora(tmp_path):
+    """sample.py --lora with a OneTrainer-style file: the PNG equals the Python API's image with the
+    same LoRA and scale, and differs from the base model's."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from pixart.pipelines.pixart_pipeline import PixArtSigmaPipeline
+    from tiny_models import make_pipeline_folder
+
+    folder = make_pipeline_folder(tmp_path / "pipe", "sigma", sample_size=32)
+    model = PixArtTransformer2DModel.from_pretrained(str(folder / "transformer"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "ff.net.2"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    kohya = {}
+    for key, value in get_peft_model_state_dict(peft_model).items():
+        module, ab = key.replace("base_model.model.", "").rsplit(".lora_", 1)
+        name = "lora_transformer_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if ab.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    lora = tmp_path / "style.safetensors"
+    save_file(kohya, lora)
+
+    settings = ["--prompt", "a red car", "--seed", "3", "--sampling_steps", "2", "--image_width", "64",
+                "--image_height", "64", "--mode", "pynative"]
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "sample.py"),
+                             "--pretrained_path", str(folder), "--lora", str(lora), "--lora_scale", "0.7",
+                             "--output_path", str(tmp_path / "out"), *settings], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    png = Image.open(tmp_path / "out" / "00000.png")
+    assert png.text["model"] == "pipe+style.safetensors"
+
+    def api_image(**lora_args):
+        pipe = PixArtSigmaPipeline.from_pretrained(str(folder), mode="pynative", **lora_args)
+        return np.asarray(next(pipe.generate(["a red car"], seed=3, num_inference_steps=2, height=64, width=64,
+                                             progress=False)).image)
+
+    np.testing.assert_array_equal(np.asarray(png), api_image(lora=str(lora), lora_scale=0.7))
+    assert np.abs(np.asarray(png).astype(int) - api_image().astype(int)).max() > 0

@@ -7,6 +7,7 @@ needs, and a YAML file given with ``-c`` sets any of its options by name (the on
 (pixart/train/config.py). Nothing here imports MindSpore, so ``--help`` and option errors are fast.
 """
 from pixart.tables import BASE_SIZES, DTYPE_NAMES, SAMPLER_NAMES, VERSIONS
+from pixart.utils.compile_cache import DEFAULT_ROOT as DEFAULT_COMPILE_CACHE
 from pixart.utils.config import ArgumentParser, parse_args_with_config, str2bool  # noqa: F401 (re-exported)
 
 DEVICE_TARGETS = ("Ascend", "GPU", "CPU")
@@ -97,6 +98,9 @@ def add_runtime_options(p):
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="DiT parameter dtype")
     g.add_argument("--mode", choices=["graph", "pynative"], default="graph",
                    help="graph compiles the denoiser; pynative runs it eagerly")
+    g.add_argument("--compile_cache", default=DEFAULT_COMPILE_CACHE,
+                   help="folder where compiled denoiser graphs are kept for later runs of the same size "
+                        "(graph mode; default %(default)s, or $PIXART_COMPILE_CACHE; none: off)")
     add_device_option(g)
     return g
 

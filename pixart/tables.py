@@ -14,7 +14,7 @@ DEFAULT_STEPS = {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100}
 SAMPLER_NAMES = tuple(DEFAULT_STEPS)
 # Base resolutions with aspect-ratio bins (pixart/data/aspect_ratios.py) and published models.
 BASE_SIZES = (256, 512, 1024, 2048, 4096)
-# Σ pe_interpolation by base resolution (REFERENCE §1).
+# Σ pe_interpolation by base resolution (the released configs).
 PE_INTERPOLATION = {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0, 4096: 8.0}
 # PixArt-α differs at 256: its 256 model was trained with lewei_scale 1.0 (the training config's
 # default, not overridden for 256), and the released diffusers PixArt-XL-2-256x256 config has no

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from pixart.tables import BASE_SIZES, DTYPE_NAMES, SAMPLER_NAMES, VERSIONS, ms_dtype
+from pixart.utils.compile_cache import DEFAULT_ROOT as DEFAULT_COMPILE_CACHE
+from pixart.utils.compile_cache import resolve_root
 from pixart.utils.config import config_from_args
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -49,6 +51,7 @@ class PipelineConfig:
     lora_scale: float = 1.0
     dtype: str = "fp32"
     mode: str = "graph"
+    compile_cache: Optional[str] = DEFAULT_COMPILE_CACHE
     device_target: Optional[str] = None
     sampling_method: str = "dpm"
     sampling_steps: Optional[int] = None
@@ -159,6 +162,7 @@ class PipelineConfig:
             pipe = cls.from_components(self.checkpoint, self.vae_root, self.text_encoder_root, self.tokenizer_root,
                                        image_size=self.image_size, pe_interpolation=self.pe_interpolation, **common)
         pipe.name = self.model_name
+        pipe.compile_cache = resolve_root(self.compile_cache)
         return pipe
 
 

@@ -18,7 +18,7 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
-from pixart.tables import PE_INTERPOLATION, pe_interpolation_for
+from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS, pe_interpolation_for
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -46,7 +46,7 @@ class PixArtSigmaPipeline:
             "pynative" runs it eagerly. T5 and the VAE run once per image and stay eager.
     """
 
-    default_max_length = 300
+    default_max_length = TEXT_TOKENS["sigma"]
     version = "sigma"
 
     def __init__(self, transformer, vae, tokenizer, text_encoder=None, sampler="dpm", sampler_kwargs=None,
@@ -62,6 +62,12 @@ class PixArtSigmaPipeline:
         self.schedule = dict(schedule or {})  # num_train_timesteps / beta_* from scheduler_config.json
         self.low_memory = low_memory
         self.name = "pixart"  # the model name PNG metadata records (PipelineConfig.build sets it)
+        # Encode (and cross-attend to) only up to the longest real prompt, bucketed; exact, since
+        # padded tokens are masked in T5 and in the DiT (see encode_prompts).
+        self.trim_text_tokens = True
+        # A folder for MindSpore's compile cache (graph mode): a later process reuses the denoiser
+        # graph compiled for the same shapes instead of compiling it again. None: off.
+        self.compile_cache = None
 
     # ------------------------------------------------------------------ components
 
@@ -168,6 +174,9 @@ class PixArtSigmaPipeline:
                       max_sequence_length=None, clean_caption=True):
         """prompt(s) -> (embeds (B, L, E), mask (B, L), negative embeds, negative mask), B = N·images.
 
+        L is ``max_sequence_length`` (300 Σ, 120 α), or with ``trim_text_tokens`` (the default) the
+        longest real prompt or negative prompt rounded up to a bucket (16, 32, 64, ...).
+
         The negative prompt gets its own attention mask (as diffusers; the original code reused the
         prompt's). With ``low_memory`` the T5 encoder is released afterwards.
         """
@@ -182,7 +191,7 @@ class PixArtSigmaPipeline:
                 raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
             texts = prompts + negatives
         embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, texts, max_length=max_length,
-                                      clean_caption=clean_caption)
+                                      clean_caption=clean_caption, trim=self.trim_text_tokens)
         if self.low_memory:
             self.release("text_encoder")
         embeds, mask = embeds.astype(ms.float32), mask.astype(ms.int32)
@@ -282,6 +291,13 @@ class PixArtSigmaPipeline:
         channels = x.shape[1]
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
+        if self.mode == "graph" and self.compile_cache:
+            from pixart.utils.compile_cache import use_graph_cache
+
+            use_graph_cache(self.compile_cache, {
+                "model": model.config.to_dict(), "class": type(model).__name__, "dtype": str(model.dtype),
+                "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
+                "backend": getattr(model.blocks[0].attn, "backend", None)})
         try:
             for i, t in enumerate(tqdm(sampler_obj.timesteps, disable=not progress, desc="sampling")):
                 model_in = ops.concat([x, x], axis=0) if do_cfg else x
@@ -358,7 +374,7 @@ class GeneratedImage:
 class PixArtAlphaPipeline(PixArtSigmaPipeline):
     """PixArt-α: 120 text tokens; the 1024-MS model adds image-size micro-conditions."""
 
-    default_max_length = 120
+    default_max_length = TEXT_TOKENS["alpha"]
     version = "alpha"
 
     def micro_conditions(self, height, width, batch):

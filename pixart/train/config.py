@@ -93,8 +93,9 @@ class TrainConfig:
 
     @property
     def weights(self):
-        """The weights and validation sampler as a PipelineConfig (its checks and paths)."""
-        return PipelineConfig.from_args(self, mode="graph")
+        """The weights and validation sampler as a PipelineConfig (its checks and paths); the
+        training dtype is a mixed-precision setting, not the pipeline's parameter dtype."""
+        return PipelineConfig.from_args(self, mode="graph", dtype="fp32", compile_cache=None)
 
     @property
     def paths(self):

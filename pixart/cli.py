@@ -63,7 +63,7 @@ def add_weights_options(p, components=True):
     g = p.add_argument_group("weights")
     g.add_argument("--version", choices=VERSIONS, default="sigma",
                    help="PixArt-Σ (300 text tokens) or PixArt-α (120)")
-    g.add_argument("--pretrained_path", default=None, help="a diffusers-format PixArt folder (all components)")
+    g.add_argument("--pretrained_path", default=None, help="a diffusers-format PixArt folder (all components) or its Hugging Face repo id")
     g.add_argument("--checkpoint", default=None, help="DiT weights: .ckpt, .pth, .safetensors or transformer/")
     if components:
         add_component_options(g)
@@ -85,7 +85,7 @@ def add_architecture_options(p):
     g.add_argument("--pe_interpolation", type=float, default=None,
                    help="position-embedding interpolation (default: by image_size, Σ: 256 0.5, 512 1, 1024 2, ...)")
     g.add_argument("--kv_compress", type=str2bool, default=False, help="KV token compression (PixArt-Σ 2K/4K)")
-    g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform"], default="conv")
+    g.add_argument("--kv_compress_sampling", choices=["conv", "ave", "uniform", "uniform_every"], default="conv")
     g.add_argument("--kv_compress_scale_factor", type=int, default=1)
     g.add_argument("--kv_compress_layer", type=int, nargs="*", default=None)
     g.add_argument("--attention_backend", choices=["auto", "math", "flash"], default="auto")
@@ -94,7 +94,7 @@ def add_architecture_options(p):
 
 def add_lora_options(p):
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora", default=None, help="LoRA adapters (train.py --lora_rank output), merged into the DiT")
+    g.add_argument("--lora", default=None, help="LoRA adapters, merged into the DiT: train.py --lora_rank output, a peft/diffusers or a kohya/OneTrainer file")
     g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA update (1 = as trained)")
     return g
 

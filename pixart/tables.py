@@ -14,8 +14,18 @@ DEFAULT_STEPS = {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100, "lcm": 4}
 SAMPLER_NAMES = tuple(DEFAULT_STEPS)
 # Base resolutions with aspect-ratio bins (pixart/data/aspect_ratios.py) and published models.
 BASE_SIZES = (256, 512, 1024, 2048, 4096)
-# Σ pe_interpolation by base resolution (the released configs); PixArt-α 256/512 use 1.0 (see the configs).
+# Σ pe_interpolation by base resolution (the released configs).
 PE_INTERPOLATION = {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0, 4096: 8.0}
+# PixArt-α differs at 256: its 256 model was trained with lewei_scale 1.0 (the training config's
+# default, not overridden for 256), and the released diffusers PixArt-XL-2-256x256 config has no
+# interpolation_scale, so diffusers uses max(32 // 64, 1) = 1. (The official α→diffusers script lists
+# 256: 0.5 but never passes it to the model.) The official α inference script: 512: 1, 1024: 2.
+PE_INTERPOLATION_ALPHA = {**PE_INTERPOLATION, 256: 1.0}
+
+
+def pe_interpolation_for(image_size, version="sigma"):
+    """The published models' pe_interpolation at a base resolution ("sigma" or "alpha")."""
+    return (PE_INTERPOLATION_ALPHA if version == "alpha" else PE_INTERPOLATION)[image_size]
 
 
 def ms_dtype(name):

@@ -35,12 +35,19 @@ def _assert_same(ref, got):
 
 def test_pth_read_without_torch_matches(tmp_path):
     ref = _torch_state()
-    torch.save({"state_dict": ref, "ema": {"a": ref["a"] * 2}, "step": 7}, tmp_path / "m.pth")
+    # the layout of the official PixArt save_checkpoint
+    torch.save({"state_dict": ref, "state_dict_ema": {"a": ref["a"] * 2}, "optimizer": {"state": {}},
+                "scheduler": {"last_epoch": 7}, "epoch": 7}, tmp_path / "m.pth")
     obj = read_state_dict(str(tmp_path / "m.pth"))
-    assert obj["step"] == 7
+    assert obj["epoch"] == 7 and obj["scheduler"] == {"last_epoch": 7}
     _assert_same(ref, unwrap_state_dict(obj))
-    np.testing.assert_array_equal(unwrap_state_dict(obj, prefer="ema")["a"], ref["a"].numpy() * 2)
+    np.testing.assert_array_equal(unwrap_state_dict(obj, use_ema=True)["a"], ref["a"].numpy() * 2)
     assert unwrap_state_dict(obj)["c"].dtype == ml_dtypes.bfloat16
+    # an "ema" entry and this project's flat "ema.*" tensors are EMA weights too
+    assert unwrap_state_dict({"state_dict": {"a": 1}, "ema": {"a": 2}}, use_ema=True) == {"a": 2}
+    assert unwrap_state_dict({"w": 1, "ema.w": 3, "step": 5}, use_ema=True) == {"w": 3}
+    with pytest.raises(CheckpointError, match=r"^m.pth has no EMA weights .*it holds: state_dict, epoch\. Drop"):
+        unwrap_state_dict({"state_dict": {"a": 1}, "epoch": 2}, use_ema=True, source="m.pth")
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):

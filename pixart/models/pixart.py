@@ -20,7 +20,7 @@ from pixart.models.layers import gelu_tanh
 from pixart.utils.checkpoint import to_tensor
 from pixart.utils.errors import ConfigError
 
-KV_COMPRESS_MODES = ("conv", "ave", "uniform")
+KV_COMPRESS_MODES = ("conv", "ave", "uniform", "uniform_every")
 
 
 @dataclass
@@ -96,11 +96,29 @@ def expand_tokens(v, tokens):
     return ops.tile(v, (1, tokens, 1))
 
 
+def tile_rows(v, batch, name):
+    """(B, ...) -> (batch, ...) by tiling, when batch is a multiple of B: the official PixArt
+    models repeat per-prompt inputs (mask, image size, aspect ratio) this way for the 2B rows of a
+    guided forward. Other row counts are an error naming the input."""
+    if v is None or v.shape[0] == batch:
+        return v
+    if v.shape[0] == 0 or batch % v.shape[0]:
+        raise ValueError(f"PixArt got {batch} latents but {v.shape[0]} rows of {name}; give {batch} rows "
+                         f"(or a divisor of {batch}, which is tiled as the official model does)")
+    return ops.tile(v, (batch // v.shape[0],) + (1,) * (v.ndim - 1))
+
+
 def timestep_frequencies(dim, max_period=10000):
-    """(dim/2,) fp32 frequencies of the timestep sinusoid, computed on the host in float64:
-    MindSpore's CPU exp is only accurate to ~5e-6, which t≈1000 turns into 1e-3 errors."""
+    """(dim/2,) fp32 frequencies of the timestep sinusoid, computed once on the host.
+
+    The exponent ``-ln(max_period) * i / (dim/2)`` is rounded to float32 step by step, as the
+    original PixArt and diffusers compute it (a float64 exponent moves the sinusoid by ~2.5e-5 at
+    t≈999); its exp is then taken exactly (float64, rounded once), because MindSpore's CPU exp is
+    only accurate to ~5e-6, which t≈1000 would turn into 1e-3 errors.
+    """
     half = dim // 2
-    return ms.Tensor(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return ms.Tensor(np.exp(exponent.astype(np.float64)).astype(np.float32))
 
 
 def timestep_embedding(t, freqs):
@@ -224,7 +242,9 @@ class SelfAttention(nn.Cell):
 
     KV compression (PixArt-Σ) shortens only K and V by ``scale`` along each grid axis, so the
     output keeps all T tokens: ``conv`` is a depthwise stride-``scale`` convolution followed by an
-    affine LayerNorm, ``ave`` nearest-neighbour downsampling, ``uniform`` a strided slice.
+    affine LayerNorm, ``ave`` nearest-neighbour downsampling, ``uniform`` a strided slice of the
+    grid, ``uniform_every`` every ``scale``-th token of the flattened sequence (the official
+    PixArt-Σ modes).
     """
 
     def __init__(self, dim, num_heads, kv_compress=None, kv_scale=1, qk_norm=False, backend="math"):
@@ -251,6 +271,8 @@ class SelfAttention(nn.Cell):
             x = x.transpose(0, 2, 1).reshape(n, d, grid_h, grid_w)
             x = self.sr(x)
             return self.norm(x.reshape(n, d, -1).transpose(0, 2, 1))
+        if self.kv_compress == "uniform_every":  # row-major token order, not the grid
+            return x[:, ::s, :]
         x = x.reshape(n, grid_h, grid_w, d)
         if self.kv_compress == "ave":  # nearest: rows/cols i*s, floor(H/s) of them
             x = x[:, : (grid_h // s) * s : s, : (grid_w // s) * s : s, :]
@@ -461,11 +483,19 @@ class PixArtMS(nn.Cell):
             mask: (N, L) 1 for real tokens, 0 for padding; None attends to all.
             resolution: (N, 2) image (height, width) and aspect_ratio (N, 1): micro-conditions.
             drop_ids: (N,) bool, replace those captions by the null caption (training).
+
+            mask, resolution and aspect_ratio may also have N/k rows (the official sampler passes
+            B rows with 2B latents under guidance); they are then tiled k times, as the official
+            model does.
         Returns:
             (N, C_out, H, W), C_out = 2C with learned sigma.
         """
         dtype = self.dtype
+        batch = x.shape[0]
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if self.micro_condition:
+            resolution = tile_rows(resolution, batch, "resolution")
+            aspect_ratio = tile_rows(aspect_ratio, batch, "aspect_ratio")
         if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
             raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
         x = self.x_embedder(x.astype(dtype)) + self.pos_embed(grid_h, grid_w).astype(dtype)
@@ -479,7 +509,7 @@ class PixArtMS(nn.Cell):
         if mask is None:
             text_bias = None
         else:  # expanded once here so the 28 blocks add it shape-for-shape (see expand_tokens)
-            bias = mask_to_bias(mask.reshape(mask.shape[0], -1))
+            bias = mask_to_bias(tile_rows(mask.reshape(mask.shape[0], -1), batch, "mask"))
             heads = self.blocks[0].cross_attn.num_heads
             text_bias = ops.broadcast_to(bias, (bias.shape[0], heads, x.shape[1], bias.shape[-1]))
         for block in self.blocks:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from pixart.models.pixart import build_pixart
-from pixart.utils.checkpoint import load_into_cell, read_state_dict, unwrap_state_dict
+from pixart.utils.checkpoint import load_into_cell, read_safetensors_metadata, read_state_dict, unwrap_state_dict
 from pixart.utils.errors import CheckpointError, ConfigError
 
 # (diffusers prefix, original prefix); blocks are handled separately because q/k/v are fused.
@@ -75,6 +75,52 @@ def diffusers_to_original(state):
     if unknown:
         raise CheckpointError(f"unknown diffusers PixArt keys: {', '.join(unknown[:4])}")
     return out
+
+
+def diffusers_module_to_original(name):
+    """A diffusers PixArt layer name -> ``(original layer, part, parts)``, or None if unknown.
+
+    ``part`` / ``parts`` place q, k, v (or cross-attention k, v) in their fused original layer:
+    ``"transformer_blocks.3.attn1.to_k"`` -> ``("blocks.3.attn.qkv", 1, 3)``; unfused layers
+    have part 0 of 1. Used to move LoRA adapters between the layouts.
+    """
+    if name.startswith("transformer_blocks."):
+        _, idx, rest = name.split(".", 2)
+        for group, target in _FUSED:
+            if rest + "." in group:
+                return f"blocks.{idx}.{target[:-1]}", group.index(rest + "."), len(group)
+        new = _rename(rest + ".", [(a, b) for a, b in _DIFFUSERS_BLOCK if a.endswith(".")])
+        return (f"blocks.{idx}.{new[:-1]}", 0, 1) if new else None
+    new = _rename(name + ".", [(a, b) for a, b in _DIFFUSERS_TOP if a.endswith(".")])
+    return (new[:-1], 0, 1) if new else None
+
+
+def original_module_to_diffusers(name):
+    """An original PixArt layer name -> its diffusers layer names (three for attn.qkv, two for
+    cross_attn.kv_linear, in row order), or None if it has no diffusers equivalent."""
+    if name.startswith("blocks."):
+        _, idx, rest = name.split(".", 2)
+        for group, target in _FUSED:
+            if rest + "." == target:
+                return [f"transformer_blocks.{idx}.{p[:-1]}" for p in group]
+        new = _rename(rest + ".", [(b, a) for a, b in _DIFFUSERS_BLOCK if a.endswith(".")])
+        return [f"transformer_blocks.{idx}.{new[:-1]}"] if new else None
+    new = _rename(name + ".", [(b, a) for a, b in _DIFFUSERS_TOP if a.endswith(".")])
+    return [new[:-1]] if new else None
+
+
+def layer_names(depth, layout="diffusers"):
+    """Every Linear / Conv layer name of a ``depth``-block PixArt in a layout ("diffusers" or
+    "original"), for reading names whose dots were replaced by underscores (kohya LoRA files)."""
+    if layout == "diffusers":
+        top = [a[:-1] for a, _ in _DIFFUSERS_TOP if a.endswith(".")]
+        block = [a[:-1] for a, _ in _DIFFUSERS_BLOCK if a.endswith(".")] + [p[:-1] for g, _ in _FUSED for p in g]
+        prefix = "transformer_blocks"
+    else:
+        top = [b[:-1] for a, b in _DIFFUSERS_TOP if a.endswith(".")]
+        block = [b[:-1] for a, b in _DIFFUSERS_BLOCK if a.endswith(".")] + [t[:-1] for _, t in _FUSED]
+        prefix = "blocks"
+    return top + [f"{prefix}.{i}.{b}" for i in range(depth) for b in block]
 
 
 def original_to_diffusers(state):
@@ -171,7 +217,9 @@ def load_pixart_state(path, use_ema=False):
     """
     raw = read_state_dict(path)
     stored = raw.pop("pixart_config", None)
-    state = unwrap_state_dict(raw, prefer="ema" if use_ema else "state_dict")
+    if stored is None and os.path.isfile(path) and path.endswith(".safetensors"):
+        stored = read_safetensors_metadata(path).get("pixart_config")  # --to original files
+    state = unwrap_state_dict(raw, use_ema=use_ema, source=path)
     state = {k: v for k, v in state.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
     config = {}
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -187,6 +235,29 @@ def load_pixart_state(path, use_ema=False):
         config.update(json.loads(str(stored)))
     return state, config
 
+
+
+def guess_version(config, path=""):
+    """"alpha" or "sigma" for a checkpoint: from its null caption (α 120 tokens, Σ 300), else from
+    the published file names (``PixArt-Sigma-...`` vs ``PixArt-XL-2-...``); default "sigma"."""
+    tokens = config.get("model_max_length")
+    if tokens in (120, 300):
+        return "alpha" if tokens == 120 else "sigma"
+    name = os.path.basename(os.path.normpath(str(path))).lower()
+    return "alpha" if name.startswith("pixart-xl") or "alpha" in name else "sigma"
+
+
+def original_layout_state(state, config):
+    """Weights as the official PixArt code's ``state_dict`` holds them: original names, the null
+    caption, and the fixed ``pos_embed`` buffer of the base grid (official loaders delete it, the
+    official α→diffusers script expects it)."""
+    from pixart.models.pixart import sincos_pos_embed_2d
+
+    out = dict(state)
+    base = config["input_size"] // config["patch_size"]
+    pos = sincos_pos_embed_2d(config["hidden_size"], base, base, base, float(config["pe_interpolation"]))
+    out["pos_embed"] = pos.asnumpy().astype(np.asarray(state["x_embedder.proj.weight"]).dtype)
+    return out
 
 
 def from_pretrained(path, use_ema=False, strict=True, **overrides):

@@ -98,9 +98,13 @@ class PipelineConfig:
         with the original ``.pth`` beside it switches to the ``.pth``. ``components=False`` skips
         the VAE / T5 / tokenizer folders (training from cached features)."""
         if self.pretrained_path:
+            from pixart.utils.hub import is_repo_id, resolve_pretrained
+
+            if is_repo_id(self.pretrained_path):  # a Hugging Face repo id: HF cache, or download it now
+                self.pretrained_path = resolve_pretrained(self.pretrained_path, what="--pretrained_path")
             if not os.path.isdir(self.pretrained_path):
                 raise CheckpointError(f"{self.pretrained_path} not found (--pretrained_path): a diffusers PixArt "
-                                      "folder, e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
+                                      "folder or its Hugging Face repo id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
             return self
         if not self.checkpoint:
             raise ConfigError("give --pretrained_path (diffusers folder) or --checkpoint with the vae/text encoder "
@@ -135,7 +139,9 @@ class PipelineConfig:
     @property
     def model_name(self):
         """What PNG metadata calls the model: the folder or checkpoint name (+ the LoRA file)."""
-        base = os.path.basename(os.path.normpath(self.pretrained_path or self.checkpoint or "pixart"))
+        from pixart.utils.hub import display_name  # a Hugging Face cache folder is named by its repo id
+
+        base = display_name(self.pretrained_path or self.checkpoint or "pixart")
         return base + ("+" + os.path.basename(self.lora) if self.lora else "")
 
     def default_sampler_kwargs(self):

@@ -18,11 +18,12 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
-from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS
+from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS, pe_interpolation_for
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.pipelines import img2img
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler, sampler_for_scheduler_config
 from pixart.utils.errors import CheckpointError, ConfigError
+from pixart.utils.hub import resolve_pretrained
 
 SIGMA_COMPONENTS_REPO = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 
@@ -47,6 +48,7 @@ class PixArtSigmaPipeline:
     """
 
     default_max_length = TEXT_TOKENS["sigma"]
+    version = "sigma"
 
     def __init__(self, transformer, vae, tokenizer, text_encoder=None, sampler="dpm", sampler_kwargs=None,
                  low_memory=True, schedule=None, mode="pynative"):
@@ -107,7 +109,9 @@ class PixArtSigmaPipeline:
     def from_pretrained(cls, path, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
                         attention_backend="auto", **kwargs):
         """Build from a diffusers-format folder (model_index.json, transformer/, text_encoder/,
-        tokenizer/, vae/, scheduler/); the architecture is read from their configs."""
+        tokenizer/, vae/, scheduler/); the architecture is read from their configs. ``path`` may be
+        a Hugging Face repo id (pixart.utils.hub.resolve_pretrained: HF cache, or a download)."""
+        path = resolve_pretrained(path, what="pipeline folder")
         if not os.path.isdir(path):
             raise CheckpointError(f"pipeline folder {path} does not exist")
         for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
@@ -136,10 +140,11 @@ class PixArtSigmaPipeline:
                         lora_scale=1.0, use_bf16_gemm=False, **kwargs):
         """Build from the seed layout: a DiT checkpoint (.ckpt/.pth/.safetensors or transformer/
         folder) plus vae/, text_encoder/ and tokenizer/ folders. ``image_size`` (256...4096) sets the
-        base resolution (and the Σ pe_interpolation for it; ``pe_interpolation`` overrides, e.g. 1.0
-        for PixArt-α 256/512). ``lora`` (a path or ``load_lora``'s result) is merged into the DiT
-        each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the DiT's and T5's linear
-        layers run as bf16 GEMMs with bf16 weights (``pixart.ops.bf16_matmul``; fp32 where unavailable)."""
+        base resolution and the published pe_interpolation for it and this pipeline's version (α 256
+        is 1.0, Σ 256 0.5; ``pe_interpolation`` overrides). ``lora`` (a path or ``load_lora``'s result)
+        is merged into the DiT each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the
+        DiT's and T5's linear layers run as bf16 GEMMs with bf16 weights (``pixart.ops.bf16_matmul``;
+        fp32 where unavailable)."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -149,7 +154,7 @@ class PixArtSigmaPipeline:
         if image_size is not None:
             if image_size not in PE_INTERPOLATION:
                 raise ConfigError(f"image_size must be one of {sorted(PE_INTERPOLATION)}, got {image_size}")
-            overrides.update(input_size=image_size // 8, pe_interpolation=PE_INTERPOLATION[image_size])
+            overrides.update(input_size=image_size // 8, pe_interpolation=pe_interpolation_for(image_size, cls.version))
         if pe_interpolation is not None:
             overrides["pe_interpolation"] = float(pe_interpolation)
         if kv_compress_config:
@@ -454,6 +459,7 @@ class PixArtAlphaPipeline(PixArtSigmaPipeline):
     """PixArt-α: 120 text tokens; the 1024-MS model adds image-size micro-conditions."""
 
     default_max_length = TEXT_TOKENS["alpha"]
+    version = "alpha"
 
     def micro_conditions(self, height, width, batch):
         if not self.transformer.micro_condition:

@@ -282,9 +282,33 @@ def read_state_dict(path):
     return state
 
 
-def unwrap_state_dict(obj, prefer="state_dict"):
-    """Pick the tensors out of a training checkpoint: ``obj[prefer]``, the other wrapper, or obj."""
-    for key in (prefer, "state_dict", "ema", "model", "module"):
+# Where training checkpoints keep their weights: the official PixArt save_checkpoint writes
+# {"state_dict", "state_dict_ema" (when an EMA model is kept), "optimizer", "scheduler", "epoch"}.
+EMA_KEYS = ("state_dict_ema", "ema")
+MODEL_KEYS = ("state_dict", "model", "module")
+_EMA_PREFIX = "ema."  # this project's training checkpoints (pixart/train/checkpointing.py)
+
+
+def unwrap_state_dict(obj, use_ema=False, source="checkpoint"):
+    """Pick the tensors out of a training checkpoint.
+
+    ``use_ema=False``: ``obj["state_dict"]`` (or ``model`` / ``module``), else ``obj`` itself.
+    ``use_ema=True``: ``obj["state_dict_ema"]`` (official PixArt training) or ``obj["ema"]``, or
+    the ``ema.*`` tensors of a flat checkpoint; a checkpoint without EMA weights is a
+    CheckpointError naming the keys it has, never a silent fall-back to the trained weights.
+    """
+    if use_ema:
+        for key in EMA_KEYS:
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        flat = {k[len(_EMA_PREFIX):]: v for k, v in obj.items() if k.startswith(_EMA_PREFIX)}
+        if flat:
+            return flat
+        keys = list(obj)
+        shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "")
+        raise CheckpointError(f"{source} has no EMA weights (no 'state_dict_ema' or 'ema' entry); it holds: "
+                              f"{shown}. Drop --use_ema to load its trained weights")
+    for key in MODEL_KEYS:
         if isinstance(obj.get(key), dict):
             return obj[key]
     return obj

@@ -10,33 +10,20 @@ import torch
 import mindspore as ms
 from diffusers import PixArtTransformer2DModel
 
-from pixart.models.pixart import PixArt, PixArtMS, build_pixart
+from pixart.models.pixart import PixArt, build_pixart
 from pixart.models.pixart_weights import diffusers_to_original, from_pretrained, load_pixart_state, save_pixart_ckpt
 from pixart.utils.checkpoint import load_into_cell, read_state_dict
 from pixart.utils.errors import CheckpointError, ConfigError
+from tiny_models import tiny_pixart, tiny_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS, HEAD_DIM, CAPTION, TOKENS = 2, 8, 12, 6
 
 
 def tiny_diffusers(interpolation_scale=1.0, sample_size=8, micro=False, seed=0, heads=HEADS):
-    """A tiny random diffusers PixArt with every parameter non-zero (diffusers zero-inits some)."""
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=heads * HEAD_DIM, caption_channels=CAPTION, sample_size=sample_size, patch_size=2,
-        interpolation_scale=interpolation_scale, use_additional_conditions=micro, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-        # N(0, 0.02) as PixArt initialises them: their 256 inputs sin/cos(t·f) carry the reference's own
-        # fp32 rounding at t≈1000 (~6e-5), which 0.3-scale weights would amplify past the tolerance.
-        emb = model.adaln_single.emb
-        for embedder in ("timestep_embedder", "resolution_embedder", "aspect_ratio_embedder"):
-            if hasattr(emb, embedder):
-                getattr(emb, embedder).linear_1.weight.normal_(0.0, 0.02)
-    return model
+    """The tiny diffusers DiT these tests compare against (tiny_models.tiny_transformer)."""
+    return tiny_transformer(sample_size, micro, seed, CAPTION, heads=heads, head_dim=HEAD_DIM,
+                            interpolation_scale=interpolation_scale)
 
 
 def inputs(batch=2, h=8, w=8, seed=1):
@@ -392,9 +379,8 @@ def _np_kv_attention(x, qkv_w, qkv_b, proj_w, proj_b, sr_w, sr_b, nw, nb, heads,
                                               ("conv", 3, 6, 3), ("uniform_every", 2, 4, 6),
                                               ("uniform_every", 3, 3, 4)])
 def test_kv_compression_matches_numpy(mode, scale, gh, gw):
-    model = PixArtMS(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=CAPTION,
-                     model_max_length=TOKENS, kv_compress_config={"sampling": mode, "scale_factor": scale,
-                                                                  "kv_compress_layer": [1]})
+    model = tiny_pixart(caption_channels=CAPTION, model_max_length=TOKENS,
+                        kv_compress_config={"sampling": mode, "scale_factor": scale, "kv_compress_layer": [1]})
     attn = model.blocks[1].attn
     assert model.blocks[0].attn.kv_compress is None and attn.kv_compress == mode
     rng = np.random.default_rng(7)
@@ -412,8 +398,7 @@ def test_kv_compression_matches_numpy(mode, scale, gh, gw):
 
 def test_kv_conv_starts_as_average_and_loads_by_original_names(tmp_path):
     kv = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1]}
-    model = PixArtMS(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=CAPTION,
-                     model_max_length=TOKENS, kv_compress_config=kv, qk_norm=True)
+    model = tiny_pixart(caption_channels=CAPTION, model_max_length=TOKENS, kv_compress_config=kv, qk_norm=True)
     np.testing.assert_array_equal(model.blocks[1].attn.sr.weight.asnumpy(), np.full((16, 1, 2, 2), 0.25))
     names = [n for n, _ in model.parameters_and_names()]
     for name in ("blocks.1.attn.sr.weight", "blocks.1.attn.norm.weight", "blocks.1.attn.norm.bias",

@@ -32,19 +32,26 @@ def make_tokenizer(folder, seed=0, words=WORDS):
     return tokenizer
 
 
-def tiny_transformer(sample_size=32, micro=False, seed=0, caption_channels=T5_DIM):
+def tiny_transformer(sample_size=32, micro=False, seed=0, caption_channels=T5_DIM, heads=2, head_dim=None,
+                     interpolation_scale=None):
+    """A tiny random diffusers PixArtTransformer2DModel with every parameter non-zero (diffusers
+    zero-inits some); head_dim defaults to 8 (12 with micro-conditions, whose embedders need D/3)."""
     from diffusers import PixArtTransformer2DModel
 
+    head_dim = head_dim or (12 if micro else 8)
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8 if not micro else 12, in_channels=4, out_channels=8,
-        num_layers=2, cross_attention_dim=16 if not micro else 24, caption_channels=caption_channels,
-        sample_size=sample_size, patch_size=2, use_additional_conditions=micro, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6).eval()
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
+        num_layers=2, cross_attention_dim=heads * head_dim, caption_channels=caption_channels,
+        sample_size=sample_size, patch_size=2, interpolation_scale=interpolation_scale,
+        use_additional_conditions=micro, norm_type="ada_norm_single", norm_elementwise_affine=False,
+        norm_eps=1e-6).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-        emb = model.adaln_single.emb  # as PixArt initialises them (their inputs are large sinusoids)
+        # N(0, 0.02) as PixArt initialises them: their 256 inputs sin/cos(t·f) carry the reference's own
+        # fp32 rounding at t≈1000 (~6e-5), which 0.3-scale weights would amplify past the tolerance.
+        emb = model.adaln_single.emb
         for embedder in ("timestep_embedder", "resolution_embedder", "aspect_ratio_embedder"):
             if hasattr(emb, embedder):
                 getattr(emb, embedder).linear_1.weight.normal_(0.0, 0.02)
@@ -92,12 +99,23 @@ def tiny_vae_variant(config, seed=0):
     return model
 
 
-def tiny_pixart(fixed_grid=False, **overrides):
-    """Our MindSpore DiT at the ``tiny`` preset (``PixArtConfig.preset("tiny")``), fields overridden."""
+def tiny_pixart(fixed_grid=False, random_seed=None, **overrides):
+    """Our MindSpore DiT at the ``tiny`` preset (``PixArtConfig.preset("tiny")``), fields overridden.
+
+    ``random_seed``: every weight random instead of the PixArt init (which zeroes the cross-attention
+    and output projections), N(0, 1/fan_in) like a trained model so activations stay O(1)."""
     from pixart.models.pixart import PixArtConfig, build_pixart
 
     runtime = {k: overrides.pop(k) for k in ("attention_backend", "dtype", "initialize") if k in overrides}
-    return build_pixart(PixArtConfig.preset("tiny", **overrides), fixed_grid=fixed_grid, **runtime)
+    model = build_pixart(PixArtConfig.preset("tiny", **overrides), fixed_grid=fixed_grid, **runtime)
+    if random_seed is not None:
+        import mindspore as ms
+
+        rng = np.random.default_rng(random_seed)
+        for _, param in model.parameters_and_names():
+            fan_in = int(np.prod(param.shape[1:])) if len(param.shape) > 1 else 100
+            param.set_data(ms.Tensor(rng.normal(0.0, 1.0 / np.sqrt(fan_in), param.shape).astype(np.float32)))
+    return model
 
 
 # T5 variants for the T5 parity tests.

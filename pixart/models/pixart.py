@@ -108,6 +108,13 @@ def tile_rows(v, batch, name):
     return ops.tile(v, (batch // v.shape[0],) + (1,) * (v.ndim - 1))
 
 
+def with_spare_row(v):
+    """(N, ...) -> (N + 1, ...) with a zero row appended. The (N, D) matmuls of the timestep path
+    then never see a single row: oneDNN's CPU matmul rounds one row (its gemv path) differently
+    from two or more, which made an image depend on whether it was generated alone."""
+    return ops.concat([v, ops.zeros_like(v[:1])], axis=0)
+
+
 def timestep_frequencies(dim, max_period=10000):
     """(dim/2,) fp32 frequencies of the timestep sinusoid, computed once on the host.
 
@@ -499,10 +506,11 @@ class PixArtMS(nn.Cell):
         if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
             raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
         x = self.x_embedder(x.astype(dtype)) + self.pos_embed(grid_h, grid_w).astype(dtype)
-        t = self.t_embedder(timestep, dtype)
+        t = self.t_embedder(with_spare_row(timestep), dtype)
         if self.micro_condition:
-            t = t + ops.concat([self.csize_embedder(resolution, dtype), self.ar_embedder(aspect_ratio, dtype)], axis=1)
-        t0 = self.t_block(t)
+            t = t + ops.concat([self.csize_embedder(with_spare_row(resolution), dtype),
+                                self.ar_embedder(with_spare_row(aspect_ratio), dtype)], axis=1)
+        t0, t = self.t_block(t)[:batch], t[:batch]
         if y.ndim == 4:
             y = y.squeeze(1)
         y = self.y_embedder(y.astype(dtype), drop_ids)

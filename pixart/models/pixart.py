@@ -448,24 +448,22 @@ class PixArtMS(nn.Cell):
         x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c).transpose(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
-    def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None):
-        """Predict noise (and variance).
+    def embed_patches(self, x, grid_h, grid_w):
+        """(N, C, H, W) latents -> (N, T, D) patch tokens plus the position embedding of their grid
+        (also how a ControlNet embeds its hint latents)."""
+        return self.x_embedder(x.astype(self.dtype)) + self.pos_embed(grid_h, grid_w).astype(self.dtype)
 
-        Args:
-            x: (N, C, H, W) noisy latents; H, W multiples of the patch size.
-            timestep: (N,) diffusion timesteps.
-            y: (N, L, E) caption features (or (N, 1, L, E) as the original code passes them).
-            mask: (N, L) 1 for real tokens, 0 for padding; None attends to all.
-            resolution: (N, 2) image (height, width) and aspect_ratio (N, 1): micro-conditions.
-            drop_ids: (N,) bool, replace those captions by the null caption (training).
-        Returns:
-            (N, C_out, H, W), C_out = 2C with learned sigma.
+    def embed_inputs(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None):
+        """What the blocks take, from ``construct``'s inputs.
+
+        Returns (tokens (N, T, D), captions (N, L, D), text_bias (N, heads, T, L) or None,
+        t (N, D) timestep embedding, t0 (N, 6D) adaLN-single modulation, grid_h, grid_w).
         """
         dtype = self.dtype
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
             raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
-        x = self.x_embedder(x.astype(dtype)) + self.pos_embed(grid_h, grid_w).astype(dtype)
+        x = self.embed_patches(x, grid_h, grid_w)
         t = self.t_embedder(timestep, dtype)
         if self.micro_condition:
             t = t + ops.concat([self.csize_embedder(resolution, dtype), self.ar_embedder(aspect_ratio, dtype)], axis=1)
@@ -479,10 +477,31 @@ class PixArtMS(nn.Cell):
             bias = mask_to_bias(mask.reshape(mask.shape[0], -1))
             heads = self.blocks[0].cross_attn.num_heads
             text_bias = ops.broadcast_to(bias, (bias.shape[0], heads, x.shape[1], bias.shape[-1]))
-        for block in self.blocks:
-            x = block(x, y, text_bias, t0, grid_h, grid_w)
+        return x, y, text_bias, t, t0, grid_h, grid_w
+
+    def decode_tokens(self, x, t, grid_h, grid_w):
+        """Final layer and unpatchify: (N, T, D) tokens -> (N, C_out, H, W) fp32."""
         x = self.final_layer(x, t)
         return self.unpatchify(x, grid_h, grid_w).astype(ms.float32)
+
+    def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None):
+        """Predict noise (and variance).
+
+        Args:
+            x: (N, C, H, W) noisy latents; H, W multiples of the patch size.
+            timestep: (N,) diffusion timesteps.
+            y: (N, L, E) caption features (or (N, 1, L, E) as the original code passes them).
+            mask: (N, L) 1 for real tokens, 0 for padding; None attends to all.
+            resolution: (N, 2) image (height, width) and aspect_ratio (N, 1): micro-conditions.
+            drop_ids: (N,) bool, replace those captions by the null caption (training).
+        Returns:
+            (N, C_out, H, W), C_out = 2C with learned sigma.
+        """
+        x, y, text_bias, t, t0, grid_h, grid_w = self.embed_inputs(x, timestep, y, mask, resolution, aspect_ratio,
+                                                                  drop_ids)
+        for block in self.blocks:
+            x = block(x, y, text_bias, t0, grid_h, grid_w)
+        return self.decode_tokens(x, t, grid_h, grid_w)
 
 
 class PixArt(PixArtMS):

@@ -173,6 +173,8 @@ def load_pixart_state(path, use_ema=False):
     stored = raw.pop("pixart_config", None)
     state = unwrap_state_dict(raw, prefer="ema" if use_ema else "state_dict")
     state = {k: v for k, v in state.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
+    if any(k.startswith("base_model.") for k in state):  # an official ControlNet file: its frozen base DiT
+        state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
     config = {}
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     config_json = os.path.join(folder, "config.json")

@@ -43,6 +43,10 @@ def main(argv=None):
     if args.num_images < 1 or args.batch_size < 1:
         raise ConfigError("--num_images and --batch_size must be at least 1")
     prompts = read_prompts(args)
+    if args.control_image or args.controlnet:
+        from pixart.models.controlnet import check_control_options
+
+        check_control_options(args.controlnet, args.control_image, args.controlnet_conditioning_scale)
     config.check_weights()
     target = set_device(config.device_target)
     pipe = config.build()
@@ -52,7 +56,9 @@ def main(argv=None):
     saved = []
     for item in pipe.generate(prompts, args.num_images, args.batch_size, args.seed, args.negative_prompt,
                               config.guidance_scale, config.sampling_steps, height=args.image_height,
-                              width=args.image_width, use_resolution_binning=args.use_resolution_binning):
+                              width=args.image_width, use_resolution_binning=args.use_resolution_binning,
+                              control_image=args.control_image,
+                              controlnet_conditioning_scale=args.controlnet_conditioning_scale):
         path = save_png(item.image, os.path.join(args.output_path, f"{item.index:05d}.png"), item.fields)
         saved.append(item.image)
         logger.info("saved %s (%s)", path, item.fields["size"])

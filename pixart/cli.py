@@ -86,6 +86,19 @@ def add_lora_options(p):
     return g
 
 
+def add_controlnet_options(p):
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--controlnet", default=None,
+                   help="ControlNet weights: the official .pth, a diffusers PixArtControlNetAdapterModel folder, or "
+                        "train.py --controlnet's controlnet.ckpt")
+    g.add_argument("--control_image", default=None,
+                   help="the control image (e.g. an edge map from tools/make_control_images.py); its size is the "
+                        "default image size")
+    g.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+                   help="strength of the control in [0, 1] (1 = as trained)")
+    return g
+
+
 def add_device_option(g):
     g.add_argument("--device_target", choices=DEVICE_TARGETS, default=None,
                    help="default: Ascend if present, else GPU, else CPU")
@@ -129,6 +142,7 @@ def sample_parser():
     add_weights_options(p)
     add_architecture_options(p)
     add_lora_options(p)
+    add_controlnet_options(p)
     add_runtime_options(p)
     return p
 

@@ -284,3 +284,91 @@ def save_controlnet(controlnet, path, extra=None):
     state = {name: param for name, param in controlnet.parameters_and_names()}
     save_ckpt(state, path, extra={CONFIG_KEY: json.dumps(controlnet.config), **(extra or {})})
     return path
+
+
+# ----------------------------------------------------------------------------- control images
+
+
+def check_conditioning_scale(scale):
+    """``controlnet_conditioning_scale`` must be a number in [0, 1] (1 = as trained, 0 = no control)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 1.0:
+        raise ConfigError(f"controlnet_conditioning_scale must be in [0, 1], got {scale!r}")
+    return float(scale)
+
+
+def read_control_image(path):
+    """A control image file (edge map...) -> RGB PIL image; a one-line ConfigError if unreadable."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"control image {path} not found")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ConfigError(f"cannot read control image {path}: {err}") from None
+
+
+def control_image_array(image):
+    """PIL image, or numpy (H, W, 3) / (H, W) in [0, 255] (uint8) or [0, 1] (float) -> float32
+    (H, W, 3) in [0, 1]."""
+    if isinstance(image, str):
+        image = read_control_image(image)
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ConfigError(f"a control image must be (H, W, 3) or (H, W), got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float32) / 255.0
+    array = array.astype(np.float32)
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise ConfigError(f"a float control image must be in [0, 1], got values in [{array.min():.3g}, "
+                          f"{array.max():.3g}] (uint8 images are read as [0, 255])")
+    return array
+
+
+def control_image_size(image):
+    """(height, width) of a control image in any accepted form."""
+    if hasattr(image, "size") and hasattr(image, "convert"):
+        return image.size[1], image.size[0]
+    return tuple(np.shape(control_image_array(image))[:2])
+
+
+def prepare_control_images(images, height, width):
+    """Control image(s) -> float32 (K, 3, height, width) in [-1, 1], the VAE's input.
+
+    An image not at (height, width) (the aspect-ratio bin the pipeline generates at) is resized
+    to it with PIL's Lanczos filter, as diffusers' control-image processor does.
+    """
+    from PIL import Image
+
+    images = images if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for image in images:
+        array = control_image_array(image)
+        if array.shape[:2] != (height, width):
+            array = np.stack([np.asarray(Image.fromarray(array[..., k], mode="F").resize(
+                (width, height), Image.LANCZOS)) for k in range(3)], axis=-1).clip(0.0, 1.0)
+        out.append(array.transpose(2, 0, 1) * 2.0 - 1.0)
+    return np.stack(out).astype(np.float32)
+
+
+def encode_control_images(vae, images):
+    """(K, 3, H, W) in [-1, 1] -> (K, C, H/8, W/8) hint latents: the VAE posterior mean times the
+    scaling factor, one image per VAE call. (The official code samples the posterior; its mean
+    is the deterministic choice and differs from a sample by the posterior's small std.)"""
+    latents = [vae.encode(ms.Tensor(images[k:k + 1])).mean.astype(ms.float32) for k in range(images.shape[0])]
+    return ms.ops.concat(latents, axis=0) * vae.scaling_factor
+
+
+def check_control_options(controlnet, control_image, scale):
+    """sample.py / demo.py: --controlnet, --control_image and the scale go together and are valid."""
+    if control_image and not controlnet:
+        raise ConfigError("--control_image needs --controlnet (the ControlNet weights)")
+    if controlnet and not control_image:
+        raise ConfigError("--controlnet needs --control_image (e.g. an edge map from tools/make_control_images.py)")
+    check_conditioning_scale(scale)
+    read_control_image(control_image)

@@ -47,6 +47,7 @@ class PipelineConfig:
     attention_backend: str = "auto"
     lora: Optional[str] = None
     lora_scale: float = 1.0
+    controlnet: Optional[str] = None
     dtype: str = "fp32"
     mode: str = "graph"
     device_target: Optional[str] = None
@@ -86,6 +87,9 @@ class PipelineConfig:
         """Fail fast, before anything loads, when a weights path is missing; a missing ``.ckpt``
         with the original ``.pth`` beside it switches to the ``.pth``. ``components=False`` skips
         the VAE / T5 / tokenizer folders (training from cached features)."""
+        if self.controlnet and not os.path.exists(self.controlnet):
+            raise CheckpointError(f"{self.controlnet} not found (--controlnet): ControlNet weights, e.g. the "
+                                  "official PixArt-XL-2-1024-ControlNet.pth")
         if self.pretrained_path:
             if not os.path.isdir(self.pretrained_path):
                 raise CheckpointError(f"{self.pretrained_path} not found (--pretrained_path): a diffusers PixArt "
@@ -146,7 +150,8 @@ class PipelineConfig:
             lora = load_lora(self.lora)
         common = dict(dtype=ms_dtype(self.dtype), attention_backend=self.attention_backend,
                       sampler=self.sampling_method, mode=self.mode, sampler_kwargs=self.default_sampler_kwargs(),
-                      kv_compress_config=self.kv_compress_config, lora=lora, lora_scale=self.lora_scale, **kwargs)
+                      kv_compress_config=self.kv_compress_config, lora=lora, lora_scale=self.lora_scale,
+                      controlnet=self.controlnet, **kwargs)
         if self.pretrained_path:
             pipe = cls.from_pretrained(self.pretrained_path, **common)
         else:

@@ -175,6 +175,10 @@ def train_parser():
     g.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
     g.add_argument("--lora_target_modules", nargs="+", default=None,
                    help="Dense layer name suffixes (default: the attention projections)")
+    g = p.add_argument_group("ControlNet (train only a ControlNet branch; records need a `control` image)")
+    g.add_argument("--controlnet", nargs="?", const="init", default=None,
+                   help="no value: a new branch copied from the DiT's first blocks; PATH: continue from those weights")
+    g.add_argument("--controlnet_layers", type=int, default=None, help="copied blocks of a new branch (default 13)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optim", choices=["came", "adamw"], default="came")
     g.add_argument("--start_learning_rate", type=float, default=2e-5)

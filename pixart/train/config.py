@@ -42,6 +42,9 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: Optional[float] = None
     lora_target_modules: Optional[List[str]] = None
+    # ControlNet
+    controlnet: Optional[str] = None
+    controlnet_layers: Optional[int] = None
     # optimisation
     optim: str = "came"
     start_learning_rate: float = 2e-05
@@ -94,7 +97,7 @@ class TrainConfig:
     @property
     def weights(self):
         """The weights and validation sampler as a PipelineConfig (its checks and paths)."""
-        return PipelineConfig.from_args(self, mode="graph")
+        return PipelineConfig.from_args(self, mode="graph", controlnet=None)
 
     @property
     def paths(self):
@@ -126,6 +129,19 @@ class TrainConfig:
         if not self.feature_dir and self.image_size is None:
             raise ConfigError("--image_size is needed for the aspect-ratio buckets (256, 512, 1024 or 2048; the "
                               "configs in configs/train set it)")
+        if self.controlnet:
+            if self.lora_rank:
+                raise ConfigError("--controlnet trains the ControlNet branch only; it cannot be combined with --lora_rank")
+            if self.feature_dir:
+                raise ConfigError("--controlnet reads the records' control images: give --json_path and --image_dir "
+                                  "(cached features hold no control latents)")
+            if self.controlnet != "init" and not os.path.exists(self.controlnet):
+                from pixart.utils.errors import CheckpointError
+
+                raise CheckpointError(f"{self.controlnet} not found (--controlnet): ControlNet weights to continue "
+                                      "from, or no value to start from the base model's blocks")
+            if self.controlnet_layers is not None and self.controlnet_layers < 1:
+                raise ConfigError(f"--controlnet_layers must be at least 1, got {self.controlnet_layers}")
         if self.lora_rank and self.lora_target_modules is None:
             from pixart.models.lora import DEFAULT_TARGETS
 

@@ -14,7 +14,7 @@ DEFAULT_STEPS = {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100}
 SAMPLER_NAMES = tuple(DEFAULT_STEPS)
 # Base resolutions with aspect-ratio bins (pixart/data/aspect_ratios.py) and published models.
 BASE_SIZES = (256, 512, 1024, 2048, 4096)
-# Σ pe_interpolation by base resolution (REFERENCE §1); PixArt-α 256/512 use 1.0 (see the configs).
+# Σ pe_interpolation by base resolution (the released configs); PixArt-α 256/512 use 1.0 (see the configs).
 PE_INTERPOLATION = {256: 0.5, 512: 1.0, 1024: 2.0, 2048: 4.0, 4096: 8.0}
 
 

@@ -53,3 +53,73 @@ def test_ignore_unknown_reads_a_foreign_config(tmp_path, caplog):
     args = parse_args_with_config(_parser(), ["-c", str(cfg)], ignore_unknown=True)
     assert args.steps == 5 and args.sampler == "dpm"
     assert "ignoring 'samplr'" in caplog.text and "learning_rate" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- typed configs and shared options
+
+
+def _defaults(parser):
+    return {a.dest: a.default for a in parser._actions if a.dest not in ("help", "config")}
+
+
+def test_typed_configs_have_the_command_line_defaults():
+    """The dataclass defaults are the options' defaults, so a config built in Python and one built
+    from an empty command line are the same."""
+    import dataclasses
+
+    from pixart.cli import sample_parser, train_parser
+    from pixart.pipelines.config import PipelineConfig
+    from pixart.train.config import TrainConfig
+
+    for cls, parser in ((PipelineConfig, sample_parser()), (TrainConfig, train_parser())):
+        defaults = _defaults(parser)
+        fields = [f for f in dataclasses.fields(cls) if f.name in defaults]
+        assert len(fields) >= (20 if cls is PipelineConfig else 60)
+        assert {f.name: getattr(cls(), f.name) for f in fields} == {f.name: defaults[f.name] for f in fields}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(_defaults(train_parser()))
+
+
+def test_shared_options_are_one_declaration():
+    """An option that sample.py, demo.py, train.py and the feature tool share behaves the same in each."""
+    from demo import build_parser as demo_parser
+    from pixart.cli import extract_features_parser, sample_parser, train_parser
+
+    parsers = {"sample": sample_parser(), "demo": demo_parser(), "train": train_parser(),
+               "extract": extract_features_parser()}
+    actions = {name: {a.dest: a for a in p._actions} for name, p in parsers.items()}
+    # Same name, deliberately different meaning or default (documented in each --help).
+    differ = {"batch_size", "dtype", "output_path", "sampling_steps", "seed", "config", "help",
+              "max_steps"}  # train: optimizer steps; demo: the largest step count a request may ask
+    shared = 0
+    for dest in set().union(*actions.values()) - differ:
+        owners = [a[dest] for a in actions.values() if dest in a]
+        for action in owners[1:]:
+            assert (action.type, action.choices, action.default, action.nargs) == \
+                   (owners[0].type, owners[0].choices, owners[0].default, owners[0].nargs), dest
+        shared += len(owners) > 1
+    assert shared >= 20
+
+
+def test_feature_tool_ignores_the_training_batch_size(tmp_path):
+    from pixart.cli import extract_features_parser
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("batch_size: 32\nimage_size: 512\nstart_learning_rate: 2.0e-5\n")
+    args = parse_args_with_config(extract_features_parser(), ["-c", str(cfg)], ignore_unknown=True)
+    assert (args.encode_batch_size, args.image_size) == (8, 512) and not hasattr(args, "batch_size")
+
+
+def test_pixart_config_presets_and_dict_round_trip():
+    from pixart.models.pixart import PixArtConfig, build_pixart
+
+    xl = PixArtConfig.preset("XL-2", input_size=64)
+    assert (xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size, xl.input_size) == (28, 1152, 16, 2, 64)
+    tiny = PixArtConfig.preset("tiny")
+    model = build_pixart(tiny.to_dict(), initialize=False)
+    assert model.config == tiny and len(model.blocks) == tiny.depth
+    assert PixArtConfig.from_dict(model.config.to_dict()) == tiny
+    assert tuple(model.blocks[0].mlp.fc1.weight.shape) == (4 * tiny.hidden_size, tiny.hidden_size)
+    with pytest.raises(ConfigError, match="unknown PixArt preset"):
+        PixArtConfig.preset("XXL")
+    with pytest.raises(ConfigError, match="unknown PixArt config keys: depthh"):
+        PixArtConfig.from_dict({"depthh": 3})

@@ -135,7 +135,7 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), 
 
 
 def make_dataset(tmp_path, sizes, name="data.json", extra=None):
-    """PNG images of the given (height, width) plus a JSON in the seed README's format."""
+    """PNG images of the given (height, width) plus a JSON in the dataset format README describes."""
     image_dir = tmp_path / "images"
     image_dir.mkdir(exist_ok=True)
     records = []

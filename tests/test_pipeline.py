@@ -63,7 +63,7 @@ def test_precomputed_embeddings_and_low_memory(sigma_folder):
     """T5 is released after encoding and the DiT before T5 loads; embeddings can be passed in."""
     pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
     embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS[0], "", num_images_per_prompt=2)
-    assert embeds.shape == (2, 300, 32) and mask.shape == (2, 300)
+    assert embeds.shape == (2, 16, 32) and mask.shape == (2, 16)  # trimmed to the 16-token bucket
     assert "text_encoder" not in pipe._loaded
     latents = seeded_latents((2, 4, 8, 8), seed=3)
     size = dict(height=64, width=64, use_resolution_binning=False, num_inference_steps=4, output_type="np",
@@ -74,6 +74,32 @@ def test_precomputed_embeddings_and_low_memory(sigma_folder):
     b = pipe(PROMPTS[0], num_images_per_prompt=2, latents=latents, **size).images
     assert "transformer" in pipe._loaded and "text_encoder" not in pipe._loaded
     np.testing.assert_array_equal(np.stack(a), np.stack(b))
+
+
+def test_trimmed_text_tokens_match_diffusers_padded_to_300(sigma_folder):
+    """Short and long prompts with an empty negative prompt: we encode and cross-attend to the
+    bucketed longest real length, diffusers to all 300 padded tokens; same images, and the same
+    embeddings at the real positions."""
+    long_prompt = " ".join(["a large red house with a green tree on the river under the night sky"] * 3)
+    prompts = ["a cat", long_prompt]
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    embeds, mask, neg, neg_mask = pipe.encode_prompt(prompts, "")
+    real = int(mask.asnumpy().sum(axis=1).max())
+    assert 32 < real <= 64 and embeds.shape[1] == 64 and neg.shape[1] == 64
+    assert neg_mask.asnumpy().sum() == 2  # "" is one token (</s>) per row
+    pipe.trim_text_tokens = False
+    full, full_mask, _, _ = pipe.encode_prompt(prompts, "")
+    assert full.shape[1] == 300
+    keep = mask.asnumpy().astype(bool)
+    np.testing.assert_allclose(embeds.asnumpy()[keep], full.asnumpy()[:, :64][keep], atol=1e-5)
+    pipe.trim_text_tokens = True
+
+    latents = seeded_latents((2, 4, 8, 8), seed=4)
+    kwargs = dict(prompt=prompts, negative_prompt="", num_inference_steps=6, height=64, width=64)
+    ref = reference_images("PixArtSigmaPipeline", sigma_folder, latents, **kwargs)
+    out = np.stack(pipe(latents=latents, use_resolution_binning=False, output_type="np", progress=False,
+                        **kwargs).images)
+    assert ref.std() > 0.05 and np.abs(out - ref).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("sampler", ["dpm", "sa-solver", "ddim", "iddpm"])

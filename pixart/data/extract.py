@@ -12,19 +12,18 @@ import json
 import logging
 import os
 
-import ml_dtypes
 import numpy as np
 
 from pixart.data.dataset import TrainDataset, UnreadableImage
 from pixart.data.features import (CAPTION_SOURCES, FORMAT, FORMAT_VERSION, INDEX_NAME, NULL_NAME, file_is_current,
                                   latent_file, latent_meta, text_file, text_meta, write_index, write_latent_file,
                                   write_text_file)
+from pixart.tables import DTYPE_NAMES, np_dtype
 from pixart.utils.checkpoint import save_safetensors
 from pixart.utils.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 # Config entries that make two extractions incompatible (paths are recorded but may change).
 _COMPATIBILITY_KEYS = ("image_size", "bins", "max_length", "clean_caption", "keep_padding", "embed_dtype",
                        "scaling_factor", "latent_channels", "vae_downscale", "vae_fingerprint",
@@ -66,8 +65,8 @@ def extract_features(records, image_dir, feature_dir, bins, vae_root, text_encod
     from pixart.models.t5 import T5Encoder
     from pixart.models.tokenizer import PromptTokenizer, encode_prompts
 
-    if embed_dtype not in EMBED_DTYPES:
-        raise ConfigError(f"embed_dtype must be one of {list(EMBED_DTYPES)}, got {embed_dtype!r}")
+    if embed_dtype not in DTYPE_NAMES:
+        raise ConfigError(f"embed_dtype must be one of {list(DTYPE_NAMES)}, got {embed_dtype!r}")
     vae_config_path = os.path.join(vae_root, "config.json")
     if not os.path.isfile(vae_config_path):
         raise CheckpointError(f"{vae_config_path} is missing: --vae_root must be a diffusers vae/ folder")
@@ -139,7 +138,7 @@ def extract_features(records, image_dir, feature_dir, bins, vae_root, text_encod
     if captions or need_null:
         tokenizer = PromptTokenizer.from_pretrained(tokenizer_root)
         encoder = T5Encoder.from_pretrained(text_encoder_root)
-        dtype = EMBED_DTYPES[embed_dtype]
+        dtype = np_dtype(embed_dtype)
         with _progress(len(captions), "T5 captions", progress) as bar:
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]

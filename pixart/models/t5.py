@@ -318,7 +318,7 @@ class Encoder(nn.Cell):
     def construct(self, x, mask):
         """x (N, L, D) embeddings, mask (N, L) with 1 = token, 0 = padding -> (N, L, D)."""
         bias = self.block[0].layer[0].SelfAttention.position_bias(x.shape[1])  # (1, H, L, L)
-        bias = bias + mask_to_bias(mask)  # + (N, 1, 1, L): padded keys get -1e9
+        bias = bias + mask_to_bias(mask)  # + (N, 1, 1, L): padded keys get MASK_FILL (-3e4)
         for block in self.block:
             x = block(x, bias)
         return self.final_layer_norm(x)

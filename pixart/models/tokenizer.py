@@ -190,13 +190,31 @@ class PromptTokenizer:
     __call__ = tokenize
 
 
-def encode_prompts(tokenizer, encoder, prompts, max_length=300, clean_caption=True):
-    """Tokenize and run T5: -> (embeddings (N, L, D) Tensor, mask (N, L) int32 Tensor), L = max_length.
+# Trimmed text lengths: the longest real prompt in a batch is rounded up to one of these (or to
+# max_length), so the few shapes the compiled denoiser sees are reused.
+TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256)
 
-    ``tokenizer`` is a ``PromptTokenizer``, ``encoder`` a ``pixart.models.t5.T5Encoder``.
+
+def trimmed_length(mask, max_length):
+    """The bucketed length that holds every real token of ``mask`` (N, L), at most ``max_length``."""
+    longest = int(np.asarray(mask).sum(axis=1).max()) if len(mask) else 1
+    return next((b for b in TOKEN_BUCKETS if b >= longest and b < max_length), max_length)
+
+
+def encode_prompts(tokenizer, encoder, prompts, max_length=300, clean_caption=True, trim=False):
+    """Tokenize and run T5: -> (embeddings (N, L, D) Tensor, mask (N, L) int32 Tensor).
+
+    L = max_length, or with ``trim`` the bucketed longest real length (``trimmed_length``). Trimming
+    is exact: T5's outputs at real positions do not depend on padded ones (they are masked out of
+    attention, and relative position biases depend on distances only), and the DiT's
+    cross-attention masks padded tokens too. ``tokenizer`` is a ``PromptTokenizer``, ``encoder`` a
+    ``pixart.models.t5.T5Encoder``.
     """
     import mindspore as ms
 
     ids, mask = tokenizer.tokenize(prompts, max_length=max_length, clean_caption=clean_caption)
+    if trim:
+        length = trimmed_length(mask, max_length)
+        ids, mask = ids[:, :length], mask[:, :length]
     ids, mask = ms.Tensor(ids), ms.Tensor(mask)
     return encoder(ids, mask), mask

@@ -18,7 +18,7 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
-from pixart.tables import PE_INTERPOLATION
+from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -47,7 +47,7 @@ class PixArtSigmaPipeline:
             ``PixArtControlNet``), used when a call passes ``control_image``.
     """
 
-    default_max_length = 300
+    default_max_length = TEXT_TOKENS["sigma"]
 
     def __init__(self, transformer, vae, tokenizer, text_encoder=None, sampler="dpm", sampler_kwargs=None,
                  low_memory=True, schedule=None, mode="pynative", controlnet=None):
@@ -64,6 +64,9 @@ class PixArtSigmaPipeline:
         self.controlnet = controlnet
         self._control_denoiser = None  # (base DiT, ControlPixArt), rebuilt when the DiT reloads
         self.name = "pixart"  # the model name PNG metadata records (PipelineConfig.build sets it)
+        # Encode (and cross-attend to) only up to the longest real prompt, bucketed; exact, since
+        # padded tokens are masked in T5 and in the DiT (see encode_prompts).
+        self.trim_text_tokens = True
 
     # ------------------------------------------------------------------ components
 
@@ -168,6 +171,9 @@ class PixArtSigmaPipeline:
                       max_sequence_length=None, clean_caption=True):
         """prompt(s) -> (embeds (B, L, E), mask (B, L), negative embeds, negative mask), B = N·images.
 
+        L is ``max_sequence_length`` (300 Σ, 120 α), or with ``trim_text_tokens`` (the default) the
+        longest real prompt or negative prompt rounded up to a bucket (16, 32, 64, ...).
+
         The negative prompt gets its own attention mask (as diffusers; the original code reused the
         prompt's). With ``low_memory`` the T5 encoder is released afterwards.
         """
@@ -182,7 +188,7 @@ class PixArtSigmaPipeline:
                 raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
             texts = prompts + negatives
         embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, texts, max_length=max_length,
-                                      clean_caption=clean_caption)
+                                      clean_caption=clean_caption, trim=self.trim_text_tokens)
         if self.low_memory:
             self.release("text_encoder")
         embeds, mask = embeds.astype(ms.float32), mask.astype(ms.int32)
@@ -430,7 +436,7 @@ class GeneratedImage:
 class PixArtAlphaPipeline(PixArtSigmaPipeline):
     """PixArt-α: 120 text tokens; the 1024-MS model adds image-size micro-conditions."""
 
-    default_max_length = 120
+    default_max_length = TEXT_TOKENS["alpha"]
 
     def micro_conditions(self, height, width, batch):
         if not self.transformer.micro_condition:

@@ -96,8 +96,10 @@ class TrainConfig:
 
     @property
     def weights(self):
-        """The weights and validation sampler as a PipelineConfig (its checks and paths)."""
-        return PipelineConfig.from_args(self, mode="graph", controlnet=None)
+        """The weights and validation sampler as a PipelineConfig (its checks and paths); the
+        training dtype is a mixed-precision setting, not the pipeline's parameter dtype. (The
+        ControlNet to train is checked by ``check``: ``--controlnet`` alone means a new one.)"""
+        return PipelineConfig.from_args(self, mode="graph", dtype="fp32", controlnet=None)
 
     @property
     def paths(self):

@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules for PixArt training.
 
-PixArt's recipe (REFERENCE §5): CAME, lr 2e-5, betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16), no
+PixArt's published recipe: CAME, lr 2e-5, betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16), no
 weight decay, linear warm-up then a constant rate, the rate scaled by sqrt(global batch / 256).
 AdamW is offered as the common alternative.
 

@@ -51,8 +51,8 @@ def draw_step_noise(seed, step, micro_batch, batch_size, latent_shape, num_times
     1 rank × 2 accumulated micro-batches draw the same numbers for the same data.
 
     Returns a dict of numpy arrays: t (B,) int32 uniform in [0, num_timesteps); drop_ids (B,) bool
-    (caption replaced by the null caption, probability drop_prob); noise and vae_noise
-    (B, *latent_shape) float32 standard normal (the diffusion ε and the VAE posterior sample's ε).
+    (caption replaced by the null caption, probability drop_prob); noise (B, *latent_shape) float32
+    standard normal, the diffusion ε. (The VAE posterior's ε is ``pixart.data.features.latent_noise``.)
     """
     rng = np.random.default_rng([int(seed), int(step), int(micro_batch)])
     shape = (batch_size, *latent_shape)
@@ -60,7 +60,6 @@ def draw_step_noise(seed, step, micro_batch, batch_size, latent_shape, num_times
         "t": rng.integers(0, num_timesteps, size=batch_size).astype(np.int32),
         "drop_ids": rng.random(batch_size) < drop_prob,
         "noise": rng.standard_normal(shape, dtype=np.float32),
-        "vae_noise": rng.standard_normal(shape, dtype=np.float32),
     }
 
 

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def str2bool(value):
-    """argparse type for ``--flag True|False`` (the form the seed README uses)."""
+    """argparse type for ``--flag True|False`` (the form PixArt's MindSpore commands use, e.g. --use_parallel True)."""
     if isinstance(value, bool):
         return value
     lowered = str(value).strip().lower()

@@ -134,6 +134,11 @@ def check_base_config(control_config, base_config, source="the ControlNet"):
                              "patch_size", "mlp_ratio", "qk_norm", "depth")
                  if control_config.get(k) is not None and base_config.get(k) is not None
                  and control_config[k] != base_config[k]]
+    # The null caption's length tells PixArt-α (120) from PixArt-Σ (300); other lengths are a
+    # training choice (--t5_max_length), not another base model.
+    if "model_max_length" in differing and {control_config["model_max_length"], base_config["model_max_length"]} \
+            != {120, 300}:
+        differing.remove("model_max_length")
     too_deep = control_config["num_layers"] >= base_config["depth"]
     if differing or too_deep:
         detail = ", ".join(f"{k} {control_config[k]} vs {base_config[k]}" for k in differing) or \

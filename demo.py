@@ -68,6 +68,8 @@ class Request:
     steps: int
     guidance_scale: float
     seed: int
+    control_image: object = None  # with --controlnet: (H, W, 3) uint8; the image then takes its size
+    control_scale: float = 1.0
 
 
 def size_label(width, height):
@@ -104,8 +106,16 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
     seed = random.randint(0, MAX_SEED) if form["randomize_seed"] else form["seed"]
     if seed is None or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    control = {}
+    if "control_image" in form:  # the demo runs a ControlNet (--controlnet)
+        from pixart.models.controlnet import check_conditioning_scale
+
+        if form["control_image"] is None:
+            raise ConfigError("Upload a control image (e.g. an edge map): this demo runs a ControlNet.")
+        control = dict(control_image=form["control_image"],
+                       control_scale=check_conditioning_scale(form["control_scale"]))
     return Request(prompt, (form["negative_prompt"] or "").strip(), width, height, form["sampler"], int(steps),
-                   float(guidance), int(seed))
+                   float(guidance), int(seed), **control)
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -154,9 +164,11 @@ class Generator:
         item = next(self.pipe.generate(
             [req.prompt], seed=req.seed, negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
             num_inference_steps=req.steps, sampler=req.sampler,
-            sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None, height=req.height,
-            width=req.width, use_resolution_binning=self.args.use_resolution_binning, progress=False,
-            callback=on_step))
+            sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None,
+            height=req.height if req.control_image is None else None,  # a control image sets the size
+            width=req.width if req.control_image is None else None,
+            use_resolution_binning=self.args.use_resolution_binning, progress=False, callback=on_step,
+            control_image=req.control_image, controlnet_conditioning_scale=req.control_scale))
         image, fields = item.image, item.fields
         return image, fields
 
@@ -188,6 +200,11 @@ def offline_theme():
 
 FORM = ["prompt", "negative_prompt", "size", "width", "height", "sampler", "steps", "guidance_scale", "seed",
         "randomize_seed"]  # the order of the page's inputs, as the generate function receives them
+CONTROL_FORM = ["control_image", "control_scale"]  # after FORM, when the demo runs a ControlNet
+
+
+def form_names(gen):
+    return FORM + (CONTROL_FORM if gen.pipe.controlnet is not None else [])
 
 
 def build_ui(gen):
@@ -218,6 +235,11 @@ def build_ui(gen):
                 with gr.Row():
                     seed_box = gr.Number(label="Seed", value=args.seed, precision=0, elem_id="seed")
                     randomize_box = gr.Checkbox(label="Randomise seed", value=False, elem_id="randomize")
+                if gen.pipe.controlnet is not None:
+                    control_box = gr.Image(label="Control image (e.g. an edge map; the picture takes its size)",
+                                           type="numpy", image_mode="RGB", elem_id="control_image")
+                    control_scale_box = gr.Slider(0.0, 1.0, step=0.05, value=args.controlnet_conditioning_scale,
+                                                  label="Control strength", elem_id="control_scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 image_box = gr.Image(label="Image", type="filepath", format="png", interactive=False,
@@ -226,6 +248,8 @@ def build_ui(gen):
 
         inputs = [prompt, negative, size_box, width_box, height_box, sampler_box, steps_box, guidance_box,
                   seed_box, randomize_box]
+        if gen.pipe.controlnet is not None:
+            inputs += [control_box, control_scale_box]
 
         def check(*values):
             parse_or_show(gen, values)
@@ -266,7 +290,8 @@ def parse_or_show(gen, values):
     import gradio as gr
 
     try:
-        return parse_request(dict(zip(FORM, values)), gen.allowed_sizes(), gen.samplers, gen.args.max_steps)
+        return parse_request(dict(zip(form_names(gen), values)), gen.allowed_sizes(), gen.samplers,
+                             gen.args.max_steps)
     except PixArtError as err:
         raise gr.Error(str(err), print_exception=False) from None
 
@@ -293,6 +318,10 @@ def main(argv=None):
         raise ConfigError("--max_steps must be from 1 to 1000 and --queue_size at least 1")
     if args.sampling_steps is not None and args.sampling_steps > args.max_steps:
         raise ConfigError(f"--sampling_steps {args.sampling_steps} is above --max_steps {args.max_steps}")
+    if args.controlnet:  # the control image is uploaded on the page
+        from pixart.models.controlnet import check_conditioning_scale
+
+        check_conditioning_scale(args.controlnet_conditioning_scale)
     config.check_weights()
     set_device(config.device_target)
     gen = Generator(args, config)

@@ -151,3 +151,22 @@ def test_sample_cli_controlnet(folders, tmp_path):
                          "--sampling_steps", 1, "--output_path", out, *args)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and lines[-1].startswith("error:") and message in lines[-1], bad.stderr
+
+
+def test_demo_generator_takes_an_uploaded_control_image(folders):
+    from demo import Generator, build_parser, parse_request
+
+    folder, controlnet, _ = folders
+    args = build_parser().parse_args(["--pretrained_path", str(folder), "--controlnet", controlnet,
+                                      "--mode", "pynative"])
+    gen = Generator(args)
+    form = dict(prompt="a cat", negative_prompt="", size="custom", width=64, height=64, sampler="dpm", steps=2,
+                guidance_scale=4.5, seed=1, randomize_seed=False, control_image=edge_image(64, 96), control_scale=0.5)
+    req = parse_request(form, gen.allowed_sizes(), gen.samplers, 50)
+    image, fields = gen(req)
+    assert image.size == (96, 64)  # the control image's size, not the form's
+    assert fields["controlnet_conditioning_scale"] == 0.5 and fields["controlnet"] == "controlnet"
+    with pytest.raises(ConfigError, match="Upload a control image"):
+        parse_request(dict(form, control_image=None), gen.allowed_sizes(), gen.samplers, 50)
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
+        parse_request(dict(form, control_scale=1.5), gen.allowed_sizes(), gen.samplers, 50)

@@ -143,3 +143,29 @@ def test_bad_controlnet_training_input(setup, tmp_path):
     (data / "broken.json").write_text(json.dumps(records))
     with pytest.raises(ConfigError, match="control image not found: canny/missing.png"):
         train.main(argv(pipe, data, tmp_path / "c", "--json_path", str(data / "broken.json")))
+
+
+def test_cached_features_train_exactly_like_images(reference, setup, tmp_path):
+    """tools/extract_features.py stores the hint latents too; training from them gives the
+    on-the-fly run's ControlNet bit for bit."""
+    from tools.extract_features import main as extract
+
+    _, ref_out = reference
+    pipe, data = setup
+    features = tmp_path / "features"
+    extract(["--json_path", str(data / "labels_control.json"), "--image_dir", str(data), "--feature_dir",
+             str(features), "--pretrained_path", str(pipe), "--image_size", "256", "--t5_max_length", "16",
+             "--progress", "False"])
+    index = json.loads((features / "index.json").read_text())
+    assert all(r["control_file"].startswith("control/") for r in index["records"])
+    args = argv(pipe, data, tmp_path / "out")
+    for flag in ("--json_path", "--image_dir"):
+        del args[args.index(flag):args.index(flag) + 2]
+    trainer = train.main(args + ["--feature_dir", str(features)])
+    assert trainer.vae is None
+    for name in ("controlnet.ckpt", "controlnet_ema.ckpt"):
+        ref, run = read_state_dict(str(ref_out / "final" / name)), read_state_dict(str(tmp_path / "out" / "final" / name))
+        keys = [k for k in ref if k.startswith("controlnet.")]
+        assert keys
+        for key in keys:
+            np.testing.assert_array_equal(ref[key], run[key], err_msg=f"{name}: {key}")

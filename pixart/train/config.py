@@ -134,9 +134,6 @@ class TrainConfig:
         if self.controlnet:
             if self.lora_rank:
                 raise ConfigError("--controlnet trains the ControlNet branch only; it cannot be combined with --lora_rank")
-            if self.feature_dir:
-                raise ConfigError("--controlnet reads the records' control images: give --json_path and --image_dir "
-                                  "(cached features hold no control latents)")
             if self.controlnet != "init" and not os.path.exists(self.controlnet):
                 from pixart.utils.errors import CheckpointError
 

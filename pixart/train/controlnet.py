@@ -104,3 +104,83 @@ def encode_control(vae, control_images):
     from pixart.models.controlnet import encode_control_images
 
     return encode_control_images(vae, control_images)
+
+
+# ----------------------------------------------------------------------------- cached features
+
+
+def control_file(record, size):
+    """Path (in a feature folder) of a record's hint latents: named by its image, control image and bucket."""
+    from pixart.data.features import _key
+
+    source = "\0".join([record["path"], record["control"], f"{size[0]}x{size[1]}"])
+    return f"control/{_key(source)}.safetensors"
+
+
+def extract_control_latents(records, image_dir, feature_dir, bins, vae_root, overwrite=False):
+    """tools/extract_features.py, when every record has a ``control`` image: store each one's VAE
+    posterior mean (unscaled, (C, h, w)) at its bucket size, encoded one image per VAE call as
+    training does, so cached and on-the-fly ControlNet training give the same numbers.
+    Returns {record index: control_file}; current files (same control image, size) are kept."""
+    from pixart.data.dataset import TrainDataset
+    from pixart.data.features import file_is_current
+    from pixart.models.autoencoder_kl import AutoencoderKL
+    from pixart.utils.checkpoint import save_safetensors
+
+    check_control_records(records, image_dir)
+    dataset = TrainDataset(records, image_dir, bins, real_prompt_ratio=1.0)
+    files, vae = {}, None
+    for i, record in enumerate(records):
+        size = dataset.bucket_size(i)
+        name = files[i] = control_file(record, size)
+        stat = os.stat(control_path(record, image_dir))
+        meta = {"control": record["control"], "size": f"{size[0]}x{size[1]}", "bytes": str(stat.st_size),
+                "mtime_ns": str(stat.st_mtime_ns)}
+        path = os.path.join(feature_dir, name)
+        if not overwrite and file_is_current(path, meta):
+            continue
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(vae_root).set_train(False)
+        images = load_control_images(dataset, [i], size, 0)
+        mean = vae.encode(images).mean.asnumpy()[0]
+        save_safetensors({"mean": mean.astype(np.float32)}, path, metadata=meta)
+    return files
+
+
+def with_control_features(load, dataset):
+    """Wrap the feature batch loader: each batch also gets ``control_latents`` (B, C, h, w), scaled."""
+    from pixart.data.features import _read
+
+    missing = [r["path"] for r in dataset.records if "control_file" not in r]
+    if missing:
+        raise ConfigError(f"--controlnet: the features in {dataset.feature_dir} hold no control latents for "
+                          f"{len(missing)} record(s) (first: {missing[0]}); run tools/extract_features.py on records "
+                          "with a 'control' image")
+
+    def load_with_control(indices, epoch):
+        data, skipped = load(indices, epoch)
+        if data is not None:
+            means = [_read(os.path.join(dataset.feature_dir, dataset.records[i]["control_file"]))["mean"]
+                     for i in data["indices"]]
+            data["control_latents"] = np.stack(means) * np.float32(dataset.scaling_factor)
+        return data, skipped
+    return load_with_control
+
+
+def control_inputs(vae, data):
+    """The hint latents of a batch: cached (``control_latents``) or encoded from its control images."""
+    import mindspore as ms
+
+    if "control_latents" in data:
+        return ms.Tensor(data["control_latents"])
+    return encode_control(vae, data["control_images"])
+
+
+def validation_control_image(records, image_dir):
+    """The control image validation samples use: the first record's (None, with a warning, when
+    it cannot be found, e.g. training from features without --image_dir)."""
+    path = control_path(records[0], image_dir or "")
+    if os.path.isfile(path):
+        return path
+    logger.warning("validation images without control: %s not found (give --image_dir)", records[0]["control"])
+    return None

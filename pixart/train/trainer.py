@@ -178,6 +178,10 @@ class Trainer:
             args.image_size = extracted
             records = self.dataset.records
             self._load = lambda indices, epoch: load_feature_batch(self.dataset, indices, epoch)
+            if args.controlnet:
+                from pixart.train.controlnet import with_control_features
+
+                self._load = with_control_features(self._load, self.dataset)
             logger.info("features: %d records from %s", len(records), args.feature_dir)
         else:
             records, counts = load_records(args.json_path, args.image_dir, skip_bad_records=args.skip_bad_records)
@@ -308,9 +312,9 @@ class Trainer:
         inputs = (latents, y, mask.astype(ms.int32), ms.Tensor(draws["t"]), ms.Tensor(draws["noise"]),
                   ms.Tensor(draws["drop_ids"]), resolution, aspect)
         if self.controlnet is not None:
-            from pixart.train.controlnet import encode_control
+            from pixart.train.controlnet import control_inputs
 
-            inputs += (encode_control(self.vae, data["control_images"]),)
+            inputs += (control_inputs(self.vae, data),)
         return inputs
 
     def _encode(self, data, epoch):
@@ -467,9 +471,10 @@ class Trainer:
         components.update(loaders)
         self.pipeline = cls(transformer=self.model, sampler=args.sampling_method, low_memory=True,
                             controlnet=self.controlnet, **components)
-        # ControlNet runs validate on the first record's control image (the image size is its size).
-        self.validation_control = None if self.controlnet is None else \
-            os.path.join(args.image_dir, self.dataset.records[0]["control"])
+        if self.controlnet is not None:
+            from pixart.train.controlnet import validation_control_image
+
+            self.validation_control = validation_control_image(self.dataset.records, args.image_dir)
         negatives = list(args.validation_negative_prompts or [""] * len(prompts))
         if len(negatives) != len(prompts):
             raise ConfigError(f"{len(negatives)} validation_negative_prompts for {len(prompts)} validation_prompts")
@@ -489,7 +494,8 @@ class Trainer:
             out = self.pipeline(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
                                 negative_prompt_attention_mask=neg_mask, num_inference_steps=args.sampling_steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed, progress=False,
-                                **({"control_image": self.validation_control} if self.controlnet is not None else {}))
+                                **({"control_image": self.validation_control} if self.controlnet is not None and
+                                   self.validation_control else {}))
         folder = os.path.join(args.output_path, "samples", f"step-{self.step:06d}")
         os.makedirs(folder, exist_ok=True)
         from PIL.PngImagePlugin import PngInfo

@@ -68,6 +68,9 @@ class Request:
     steps: int
     guidance_scale: float
     seed: int
+    init_image: str = None   # img2img / inpainting (pixart.pipelines.img2img); None: text-to-image
+    mask_image: str = None
+    strength: float = None
     control_image: object = None  # with --controlnet: (H, W, 3) uint8; the image then takes its size
     control_scale: float = 1.0
 
@@ -106,6 +109,12 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
     seed = random.randint(0, MAX_SEED) if form["randomize_seed"] else form["seed"]
     if seed is None or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    init_image, mask_image, strength = form.get("init_image"), form.get("mask_image"), form.get("strength")
+    if mask_image and not init_image:
+        raise ConfigError("A mask needs an init image.")
+    if init_image:  # the pipeline's own checks (strength in [0, 1], the mask's size, a readable image)
+        from pixart.pipelines.img2img import check_image_inputs
+        strength = check_image_inputs(init_image, mask_image or None, strength).strength
     control = {}
     if "control_image" in form:  # the demo runs a ControlNet (--controlnet)
         from pixart.models.controlnet import check_conditioning_scale
@@ -115,7 +124,8 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
         control = dict(control_image=form["control_image"],
                        control_scale=check_conditioning_scale(form["control_scale"]))
     return Request(prompt, (form["negative_prompt"] or "").strip(), width, height, form["sampler"], int(steps),
-                   float(guidance), int(seed), **control)
+                   float(guidance), int(seed), init_image or None, (mask_image or None) if init_image else None,
+                   strength if init_image else None, **control)
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -167,8 +177,10 @@ class Generator:
             sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None,
             height=req.height if req.control_image is None else None,  # a control image sets the size
             width=req.width if req.control_image is None else None,
-            use_resolution_binning=self.args.use_resolution_binning, progress=False, callback=on_step,
-            control_image=req.control_image, controlnet_conditioning_scale=req.control_scale))
+            use_resolution_binning=self.args.use_resolution_binning, progress=False,
+            callback=on_step, image=req.init_image, strength=req.strength if req.init_image else None,
+            mask_image=req.mask_image, control_image=req.control_image,
+            controlnet_conditioning_scale=req.control_scale))
         image, fields = item.image, item.fields
         return image, fields
 
@@ -199,7 +211,7 @@ def offline_theme():
 
 
 FORM = ["prompt", "negative_prompt", "size", "width", "height", "sampler", "steps", "guidance_scale", "seed",
-        "randomize_seed"]  # the order of the page's inputs, as the generate function receives them
+        "randomize_seed", "init_image", "mask_image", "strength"]  # the order of the page's inputs, as the generate function receives them
 CONTROL_FORM = ["control_image", "control_scale"]  # after FORM, when the demo runs a ControlNet
 
 
@@ -235,6 +247,12 @@ def build_ui(gen):
                 with gr.Row():
                     seed_box = gr.Number(label="Seed", value=args.seed, precision=0, elem_id="seed")
                     randomize_box = gr.Checkbox(label="Randomise seed", value=False, elem_id="randomize")
+                with gr.Accordion("Start from an image (img2img, inpainting)", open=False):
+                    init_box = gr.Image(label="Init image (resized and centre-cropped to the size above)",
+                                        type="filepath", sources=["upload"], elem_id="init_image")
+                    mask_box = gr.Image(label="Mask, the init image's size (white = repaint)", type="filepath",
+                                        sources=["upload"], elem_id="mask_image")
+                    strength_box = gr.Slider(0.0, 1.0, step=0.05, value=0.8, label="Strength", elem_id="strength")
                 if gen.pipe.controlnet is not None:
                     control_box = gr.Image(label="Control image (e.g. an edge map; the picture takes its size)",
                                            type="numpy", image_mode="RGB", elem_id="control_image")
@@ -247,7 +265,7 @@ def build_ui(gen):
                 settings_box = gr.JSON(label="Settings", elem_id="settings")
 
         inputs = [prompt, negative, size_box, width_box, height_box, sampler_box, steps_box, guidance_box,
-                  seed_box, randomize_box]
+                  seed_box, randomize_box, init_box, mask_box, strength_box]
         if gen.pipe.controlnet is not None:
             inputs += [control_box, control_scale_box]
 

@@ -42,6 +42,12 @@ def main(argv=None):
             check_side(name, getattr(args, name))
     if args.num_images < 1 or args.batch_size < 1:
         raise ConfigError("--num_images and --batch_size must be at least 1")
+    if args.init_image is None and (args.mask_image is not None or args.strength is not None):
+        raise ConfigError("--mask_image and --strength need --init_image")
+    if args.init_image is not None:  # read and checked before any model loads
+        from pixart.pipelines.img2img import check_image_inputs
+
+        check_image_inputs(args.init_image, args.mask_image, args.strength)
     prompts = read_prompts(args)
     if args.control_image or args.controlnet:
         from pixart.models.controlnet import check_control_options
@@ -57,7 +63,8 @@ def main(argv=None):
     for item in pipe.generate(prompts, args.num_images, args.batch_size, args.seed, args.negative_prompt,
                               config.guidance_scale, config.sampling_steps, height=args.image_height,
                               width=args.image_width, use_resolution_binning=args.use_resolution_binning,
-                              control_image=args.control_image,
+                              timesteps=config.timesteps, image=args.init_image, strength=args.strength,
+                              mask_image=args.mask_image, control_image=args.control_image,
                               controlnet_conditioning_scale=args.controlnet_conditioning_scale):
         path = save_png(item.image, os.path.join(args.output_path, f"{item.index:05d}.png"), item.fields)
         saved.append(item.image)

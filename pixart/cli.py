@@ -7,6 +7,7 @@ needs, and a YAML file given with ``-c`` sets any of its options by name (the on
 (pixart/train/config.py). Nothing here imports MindSpore, so ``--help`` and option errors are fast.
 """
 from pixart.tables import BASE_SIZES, DTYPE_NAMES, SAMPLER_NAMES, VERSIONS
+from pixart.utils.compile_cache import DEFAULT_ROOT as DEFAULT_COMPILE_CACHE
 from pixart.utils.config import ArgumentParser, parse_args_with_config, str2bool  # noqa: F401 (re-exported)
 
 DEVICE_TARGETS = ("Ascend", "GPU", "CPU")
@@ -39,9 +40,21 @@ def add_sampler_options(p, steps_default=None, title="sampler"):
     g = p.add_argument_group(title)
     g.add_argument("--sampling_method", choices=SAMPLER_NAMES, default="dpm")
     g.add_argument("--sampling_steps", type=int, default=steps_default,
-                   help="default: 20 dpm, 25 sa-solver, 50 ddim, 100 iddpm")
+                   help="default: 20 dpm, 25 sa-solver, 50 ddim, 100 iddpm, 4 lcm")
+    g.add_argument("--timesteps", type=int, nargs="+", default=None,
+                   help="custom timesteps, descending, instead of --sampling_steps (e.g. 400: PixArt-α-DMD's one step)")
     g.add_argument("--guidance_scale", type=float, default=4.5, help="classifier-free guidance (1 turns it off)")
     g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    return g
+
+
+def add_image_input_options(p):
+    """img2img / inpainting from an init image."""
+    g = p.add_argument_group("img2img / inpainting")
+    g.add_argument("--init_image", default=None, help="start from this image (img2img; default size: the image's)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the schedule to run, 0..1 (default 0.8; 1.0 with --mask_image)")
+    g.add_argument("--mask_image", default=None, help="inpainting mask of the init image's size: white = repaint")
     return g
 
 
@@ -110,6 +123,9 @@ def add_runtime_options(p):
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="DiT parameter dtype")
     g.add_argument("--mode", choices=["graph", "pynative"], default="graph",
                    help="graph compiles the denoiser; pynative runs it eagerly")
+    g.add_argument("--compile_cache", default=DEFAULT_COMPILE_CACHE,
+                   help="folder where compiled denoiser graphs are kept for later runs of the same size "
+                        "(graph mode; default %(default)s, or $PIXART_COMPILE_CACHE; none: off)")
     add_device_option(g)
     return g
 
@@ -139,6 +155,7 @@ def sample_parser():
     g.add_argument("--imagegrid", type=str2bool, default=False, help="also save all images as one grid")
     g.add_argument("--output_path", default="samples")
     add_sampler_options(p)
+    add_image_input_options(p)
     add_weights_options(p)
     add_architecture_options(p)
     add_lora_options(p)

@@ -10,7 +10,7 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 TEXT_TOKENS = {"sigma": 300, "alpha": 120}
 VERSIONS = tuple(TEXT_TOKENS)
 # Samplers by name, with their default step counts (pixart/samplers/ implements them).
-DEFAULT_STEPS = {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100}
+DEFAULT_STEPS = {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100, "lcm": 4}
 SAMPLER_NAMES = tuple(DEFAULT_STEPS)
 # Base resolutions with aspect-ratio bins (pixart/data/aspect_ratios.py) and published models.
 BASE_SIZES = (256, 512, 1024, 2048, 4096)

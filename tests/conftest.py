@@ -1,4 +1,6 @@
 """Shared test setup: CPU MindSpore, deterministic seeds (pytest.ini puts the repository root on sys.path)."""
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -6,6 +8,8 @@ import pytest
 import mindspore as ms
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+# Graph-mode runs of sample.py / demo.py keep compiled graphs in a folder of this session, not the user's.
+os.environ.setdefault("PIXART_COMPILE_CACHE", tempfile.mkdtemp(prefix="pixart-compile-"))
 
 
 @pytest.fixture(autouse=True)

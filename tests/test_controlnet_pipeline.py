@@ -142,7 +142,7 @@ def test_sample_cli_controlnet(folders, tmp_path):
     assert result.returncode == 0, result.stderr
     image = Image.open(out / "00000.png")
     assert image.size == (96, 64)
-    assert image.text["controlnet"] == "controlnet" and image.text["control_image"] == str(control)
+    assert image.text["controlnet"] == "controlnet" and image.text["control_image"] == control.name
     assert image.text["controlnet_conditioning_scale"] == "0.8"
     for args, message in [(("--controlnet_conditioning_scale", 2), "must be in [0, 1]"),
                           (("--image_width", 64, "--image_height", 64), "requested size is 64x64"),

@@ -335,7 +335,7 @@ def test_api_refuses_out_of_range_steps_and_keeps_serving(server, tmp_path):
     from gradio_client import Client
 
     client = Client(server.url, verbose=False, download_files=str(tmp_path))
-    form = ["a cat", "", "256x256", 96, 64, "dpm", 0, 4.5, 1, False]
+    form = ["a cat", "", "256x256", 96, 64, "dpm", 0, 4.5, 1, False, None, None, 0.8]  # no init image: text-to-image
     # gradio's slider refuses it before demo.py's own check (same range) would.
     with pytest.raises(Exception, match=r"less than minimum value 1|steps must be a whole number from 1 to 200"):
         client.predict(*form, api_name="/generate")
@@ -344,3 +344,26 @@ def test_api_refuses_out_of_range_steps_and_keeps_serving(server, tmp_path):
     assert Image.open(path).size == (256, 256) and (shown["steps"], seed) == (STEPS, 1)
     assert server.process.poll() is None
     assert "generation failed" not in server.log()  # refused inputs never reach the pipeline
+
+
+def test_api_img2img_with_a_mask(server, folder, tmp_path):
+    """The form's optional init image, mask and strength reach the pipeline (img2img / inpainting)."""
+    from gradio_client import Client, handle_file
+
+    from pixart import PixArtSigmaPipeline
+
+    yy, xx = np.mgrid[0:64, 0:96] / 64.0
+    init = np.stack([0.5 + 0.4 * np.sin(3 * xx), 0.5 + 0.4 * np.cos(2 * yy + xx), 0.3 + 0.3 * yy], axis=-1)
+    Image.fromarray((init * 255).astype(np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "got"))
+    form = ["a cat", "", "custom", 96, 64, "dpm", STEPS, 4.5, 2, False,
+            handle_file(str(tmp_path / "init.png")), handle_file(str(tmp_path / "mask.png")), 0.5]
+    path, shown, seed = client.predict(*form, api_name="/generate")
+    assert (shown["init_image"], shown["mask_image"], shown["strength"], seed) == ("init.png", "mask.png", 0.5, 2)
+    pipe = PixArtSigmaPipeline.from_pretrained(str(folder))
+    want = pipe("a cat", image=str(tmp_path / "init.png"), mask_image=str(tmp_path / "mask.png"), strength=0.5,
+                seed=2, num_inference_steps=STEPS, height=64, width=96, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(want))

@@ -105,7 +105,7 @@ def test_shipped_configs_parse():
     assert names == sorted(f"{n}.yaml" for n in [
         "pixart-sigma-256x256", "pixart-sigma-512-MS", "pixart-sigma-1024-MS", "pixart-sigma-2K-MS",
         "pixart-sigma-2K-MS-KV-Compress", "pixart-sigma-4K-MS-KV-Compress", "pixart-alpha-256x256",
-        "pixart-alpha-512x512", "pixart-alpha-1024-MS"])
+        "pixart-alpha-512x512", "pixart-alpha-1024-MS", "pixart-alpha-lcm-1024-MS", "pixart-alpha-dmd-512x512"])
     for name in names:
         args = parse_args_with_config(sample_parser(), ["-c", os.path.join(folder, name)])
         assert args.checkpoint.startswith("models/") and args.image_size in (256, 512, 1024, 2048, 4096)

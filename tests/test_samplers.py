@@ -18,8 +18,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SASolverScheduler
 from mindspore import ops
 
-from pixart.samplers import (DEFAULT_STEPS, DDIMSampler, DPMSolverSampler, IDDPMSampler, SASolverSampler,
-                             build_sampler, space_timesteps)
+from pixart.samplers import (DEFAULT_STEPS, DDIMSampler, DPMSolverSampler, IDDPMSampler, LCMSampler,
+                             SASolverSampler, build_sampler, space_timesteps)
 
 T = 1000
 AC64 = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
@@ -383,9 +383,9 @@ def test_training_losses_rescaled_and_eps_only():
 
 # ---------------------------------------------------------------------------- factory / interface
 def test_build_sampler_and_interface():
-    assert DEFAULT_STEPS == {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100}
+    assert DEFAULT_STEPS == {"dpm": 20, "sa-solver": 25, "ddim": 50, "iddpm": 100, "lcm": 4}
     for name, cls in (("dpm", DPMSolverSampler), ("sa-solver", SASolverSampler), ("ddim", DDIMSampler),
-                      ("iddpm", IDDPMSampler)):
+                      ("iddpm", IDDPMSampler), ("lcm", LCMSampler)):
         s = build_sampler(name)
         assert isinstance(s, cls)
         assert len(s.timesteps) == DEFAULT_STEPS[name] and s.timesteps.dtype == np.int64

@@ -50,3 +50,30 @@ def test_sample_py_reproduces_a_png_from_its_metadata_seed(folder, tmp_path):
                                      "--output_path", str(tmp_path / "one")], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     np.testing.assert_array_equal(np.asarray(png), np.asarray(Image.open(tmp_path / "one" / "00000.png")))
+
+
+def test_second_run_loads_the_compiled_denoiser_from_the_compile_cache(folder, tmp_path):
+    """Graph mode with --compile_cache: the first run stores the denoiser graph in a folder of its
+    signature, the second run at the same size loads it (the files stay untouched) and gives the
+    same PNG; another size gets a folder of its own (never a graph compiled for other shapes)."""
+    cache = tmp_path / "cache"
+    common = [sys.executable, os.path.join(ROOT, "sample.py"), "--pretrained_path", str(folder), "--prompt", "a cat",
+              "--sampling_steps", "2", "--use_resolution_binning", "False", "--mode", "graph",
+              "--compile_cache", str(cache)]
+
+    def run(out, size=64):
+        result = subprocess.run(common + ["--image_width", str(size), "--image_height", str(size), "--output_path",
+                                          str(tmp_path / out)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return np.asarray(Image.open(tmp_path / out / "00000.png"))
+
+    def graphs():
+        return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*.mindir")}
+
+    first = run("a")
+    stored = graphs()
+    assert len(stored) == 1 and next(iter(stored)).endswith("compile_cache_0.mindir")
+    np.testing.assert_array_equal(first, run("b"))
+    assert graphs() == stored  # loaded, not compiled and written again
+    run("c", size=96)
+    assert len(graphs()) == 2 and len({k.split(os.sep)[0] for k in graphs()}) == 2

@@ -1,8 +1,9 @@
 """train.py on tiny models (CPU): learning, exact resume after SIGKILL, checkpoints, EMA, bad data.
 
-One reference run (in this process) is shared by most tests: 4 images, 2 per micro-batch, 2
-micro-batches accumulated per step (one epoch per step), 10 CAME steps with warm-up, class dropout,
-EMA, validation images at step 5 and checkpoints every 3 steps (the last 2 kept).
+One reference run (in this process) is shared by most tests: 6 images, 2 per micro-batch, 2
+micro-batches accumulated per step (3 batches per epoch, so every other step takes its second
+micro-batch from the next epoch), 10 CAME steps with warm-up, class dropout, EMA, validation images
+at step 5 and checkpoints every 3 steps (the last 2 kept).
 """
 import json
 import logging
@@ -54,7 +55,8 @@ def reference_setup(tmp_path_factory):
     """(pipeline folder, image folder), made once per session."""
     if "setup" not in _CACHE:
         base = tmp_path_factory.getbasetemp() / "train_reference"
-        _CACHE["setup"] = (make_pipeline_folder(base / "pipe", "sigma", sample_size=32), make_images(base / "data"))
+        _CACHE["setup"] = (make_pipeline_folder(base / "pipe", "sigma", sample_size=32),
+                           make_images(base / "data", count=6))
     return _CACHE["setup"]
 
 
@@ -99,7 +101,7 @@ def assert_same_arrays(a, b, keys=None):
 # ----------------------------------------------------------------------------- learning and outputs
 
 
-def test_loss_falls_when_overfitting_four_images(reference):
+def test_loss_falls_when_overfitting_six_images(reference):
     trainer, out = reference
     losses = [loss for _, loss in trainer.history]
     assert [step for step, _ in trainer.history] == list(range(1, STEPS + 1))
@@ -123,9 +125,9 @@ def test_checkpoint_contents_and_keep_last_k(reference):
     optimizer = {k for k in state if k.startswith("optimizer.")}
     assert optimizer == {"optimizer." + k for k in trainer.train_step.optimizer_params}
     assert int(state["step"]) == STEPS and int(state["epoch"]) == trainer.epoch
-    # The data position after step 10's batches (the loader thread has read further ahead).
+    # The data position after step 10's 20 batches, 3 per epoch (the loader thread has read further ahead).
     assert json.loads(state["data_state"]) == trainer.data_state
-    assert trainer.data_state == {**trainer.sampler.state_dict(), "epoch": STEPS - 1, "consumed_batches": 2}
+    assert trainer.data_state == {**trainer.sampler.state_dict(), "epoch": 6, "consumed_batches": 2}
     # Class dropout trained the null caption (diffusers folders do not store it: it starts from the
     # model's initialisation), and the checkpoint has it.
     from pixart.models.pixart_weights import from_pretrained
@@ -172,11 +174,13 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path, tmp_path_fac
     log, _ = proc.communicate()
     assert target.exists(), log
     assert not (out / "final").exists(), "the run finished before it could be killed"
+    assert json.loads((out / "train.lock").read_text())["pid"] == proc.pid  # a killed run cannot remove it
 
     resumed = run_train(*argv, "--resume")
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
     assert "resumed" in log  # from step 3 or 6, whichever was the latest when it was killed
+    assert "removed the stale lock" in log and not (out / "train.lock").exists()  # taken over, then released
     for name in ("model.ckpt", "ema.ckpt"):
         assert_same_arrays(read_state_dict(str(ref_out / "final" / name)), read_state_dict(str(out / "final" / name)))
     # Optimizer state, EMA and data position too.
@@ -301,7 +305,8 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     from pixart.train.trainer import BatchStream
 
     data = make_images(tmp_path / "data", count=6)
-    (data / "img3.png").write_bytes(b"not a png")  # passes validation (the file exists), fails to decode
+    # A valid header (passes validation) with the pixel data cut off: found only when decoded.
+    (data / "img3.png").write_bytes((data / "img3.png").read_bytes()[:100])
     records, _ = load_records(str(data / "labels.json"), str(data))
     bins = get_bins(256)
     dataset = TrainDataset(records, str(data), bins)
@@ -407,8 +412,8 @@ def test_lora_trains_and_saves_only_adapters(tmp_path, tmp_path_factory):
 def test_recompute_gives_the_same_gradients_in_graph_mode():
     """--recompute (cell.recompute() on each block) runs on CPU in the compiled train graph and
     changes memory, not numbers."""
-    from pixart.models.pixart import build_pixart
     from pixart.samplers import IDDPMSampler
+    from tiny_models import tiny_pixart
     from pixart.train.step import DiffusionLoss, ForwardBackward, LossScaler, draw_step_noise
 
     rng = np.random.default_rng(0)
@@ -419,8 +424,7 @@ def test_recompute_gives_the_same_gradients_in_graph_mode():
               ms.Tensor(np.ones((2, 2), np.float32)), ms.Tensor(np.ones((2, 1), np.float32)))
     results = []
     for recompute in (False, True):
-        model = build_pixart(dict(input_size=8, hidden_size=16, depth=2, num_heads=2, caption_channels=8,
-                                  model_max_length=6))
+        model = tiny_pixart(model_max_length=6)
         if recompute:
             for block in model.blocks:
                 block.recompute()

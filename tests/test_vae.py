@@ -15,32 +15,12 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 
 from pixart.models.autoencoder_kl import SD_VAE_CONFIG, SDXL_VAE_CONFIG, AutoencoderKL, VAEConfig
 from pixart.utils.errors import CheckpointError, ConfigError
+from tiny_models import VAE_CONFIGS, tiny_vae_variant
 
 TOL = 1e-4  # fp32 parity bound (max abs)
 
-SMALL = dict(  # 2 levels (f = 2), mid-block attention
-    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-SD_LIKE = dict(  # SD/SDXL's 4-level structure (f = 8, 2 resnets per level) at tiny width
-    block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4, latent_channels=4, sample_size=64,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.13025, force_upcast=True)
-PLAIN = dict(  # the optional parts switched off: no mid attention, no quant convs; odd channel counts
-    block_out_channels=(6, 12), layers_per_block=1, norm_num_groups=3, latent_channels=3, sample_size=32,
-    in_channels=3, out_channels=2, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, mid_block_add_attention=False,
-    use_quant_conv=False, use_post_quant_conv=False)
-CONFIGS = {"small": SMALL, "sd_like": SD_LIKE, "plain": PLAIN}
-
-
-def _reference(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = TorchAutoencoderKL(**cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # GroupNorm weight=1 / bias=0 at init
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+SMALL = VAE_CONFIGS["small"]
+CONFIGS = VAE_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +29,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     out = {}
     for name, cfg in CONFIGS.items():
-        ref = _reference(cfg)
+        ref = tiny_vae_variant(cfg)
         ref.save_pretrained(str(root / name), safe_serialization=True)
         out[name] = (ref, str(root / name))
     out["small_bin"] = (out["small"][0], str(root / "small_bin"))

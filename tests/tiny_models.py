@@ -60,6 +60,45 @@ def tiny_vae(scaling_factor=0.13025, seed=0):
                          scaling_factor=scaling_factor).eval()
 
 
+# VAE variants for the VAE parity tests.
+VAE_CONFIGS = {
+    "small": dict(  # 2 levels (f = 2), mid-block attention
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    "sd_like": dict(  # SD/SDXL's 4-level structure (f = 8, 2 resnets per level) at tiny width
+        block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4, latent_channels=4,
+        sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025, force_upcast=True),
+    "plain": dict(  # the optional parts switched off: no mid attention, no quant convs; odd channel counts
+        block_out_channels=(6, 12), layers_per_block=1, norm_num_groups=3, latent_channels=3, sample_size=32,
+        in_channels=3, out_channels=2, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, mid_block_add_attention=False,
+        use_quant_conv=False, use_post_quant_conv=False),
+}
+
+
+def tiny_vae_variant(config, seed=0):
+    """A diffusers AutoencoderKL from a config dict (e.g. ``VAE_CONFIGS["small"]``), GroupNorm
+    parameters moved off their 1/0 initialisation so that they matter."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL(**config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def tiny_pixart(fixed_grid=False, **overrides):
+    """Our MindSpore DiT at the ``tiny`` preset (``PixArtConfig.preset("tiny")``), fields overridden."""
+    from pixart.models.pixart import PixArtConfig, build_pixart
+
+    runtime = {k: overrides.pop(k) for k in ("attention_backend", "dtype", "initialize") if k in overrides}
+    return build_pixart(PixArtConfig.preset("tiny", **overrides), fixed_grid=fixed_grid, **runtime)
+
+
 def tiny_t5(vocab_size, seed=0):
     torch.manual_seed(seed)
     config = T5Config(vocab_size=vocab_size, d_model=T5_DIM, d_kv=8, d_ff=48, num_layers=2, num_heads=4,

@@ -11,12 +11,11 @@ Flow for the train loop:
     bins = get_bins(1024)
     sampler = BucketBatchSampler(records, bins, batch_size, seed=seed, rank=rank, world_size=n)
     dataset = TrainDataset(records, image_dir, bins, real_prompt_ratio=0.5, seed=seed)
-    for epoch in range(sampler.epoch, epochs):
-        sampler.set_epoch(epoch)
-        for indices in sampler:                                   # one bucket per batch
-            batch, skipped = load_batch(dataset, indices, epoch)  # unreadable images skipped
-            ...
-        # checkpoint: sampler.state_dict(); on resume: sampler.load_state_dict(state)
+    for epoch, indices, state in sampler.rank_stream():           # one bucket per batch, endless
+        batch, skipped = load_batch(dataset, indices, epoch)      # unreadable images skipped
+        ...
+        # checkpoint: state; on resume: sampler.load_state_dict(state)
+    # (per-epoch iteration also works: sampler.set_epoch(e); for indices in sampler: ...)
 
 Everything random is drawn from numpy generators seeded by (seed, epoch[, index]) so a resumed run
 sees exactly the batches, captions and flips the uninterrupted run would have seen.
@@ -25,6 +24,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from numbers import Real
 
 import numpy as np
@@ -42,17 +42,22 @@ MAX_RATIO = 4.5
 # width / height instead of height / width; small gaps are rounding and are tolerated.
 RATIO_TOLERANCE = 0.1
 _SHOWN_BAD_RECORDS = 5
+# Unreadable images met during training: the first few are logged one by one, the rest only counted.
+SHOWN_SKIPPED_RECORDS = 5
 
 
 # ----------------------------------------------------------------------------------------------
 # Records
 # ----------------------------------------------------------------------------------------------
 
-def load_records(json_path, image_dir, skip_bad_records=False, max_ratio=MAX_RATIO):
+def load_records(json_path, image_dir, skip_bad_records=False, max_ratio=MAX_RATIO, check_images=False):
     """Read and validate the dataset JSON before any training starts.
 
     Every record must have `path` (an existing file under image_dir), `prompt` (str), positive
     integer `height` and `width`, and `ratio` (≈ height / width); `sharegpt4v` (str) is optional.
+    With check_images, each image's header is read too (format and size, not the pixels: a few KB
+    per file), so files that are not images at all are found before any model loads; a file
+    damaged further in is still only found when it is decoded during training (and skipped).
     Bad records raise one ConfigError naming how many and the first few (index and reason), unless
     skip_bad_records, in which case they are dropped with a warning. Records with an aspect ratio
     beyond max_ratio (tall) or below 1 / max_ratio (wide) are always dropped and counted.
@@ -66,8 +71,10 @@ def load_records(json_path, image_dir, skip_bad_records=False, max_ratio=MAX_RAT
         raise ConfigError(f"image directory not found: {image_dir}")
 
     good, bad = [], []
-    for index, record in enumerate(raw):
-        reason = _record_problem(record, image_dir)
+    check = lambda record: _record_problem(record, image_dir, check_images)  # noqa: E731
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file system latency, not CPU, bounds this
+        problems = list(pool.map(check, raw))
+    for index, (record, reason) in enumerate(zip(raw, problems)):
         if reason is None:
             good.append(_clean_record(record))
         else:
@@ -118,7 +125,7 @@ def _is_positive_int(value):
     return _is_number(value) and value > 0 and float(value).is_integer()
 
 
-def _record_problem(record, image_dir):
+def _record_problem(record, image_dir, check_image=False):
     """Why the record is unusable (one short phrase), or None if it is fine."""
     if not isinstance(record, dict):
         return f"not an object but {type(record).__name__}"
@@ -139,8 +146,15 @@ def _record_problem(record, image_dir):
     expected = record["height"] / record["width"]
     if abs(record["ratio"] - expected) > RATIO_TOLERANCE * expected:
         return f"'ratio' {record['ratio']} is not height/width = {expected:.3g}"
-    if not os.path.isfile(os.path.join(image_dir, record["path"])):
+    path = os.path.join(image_dir, record["path"])
+    if not os.path.isfile(path):
         return f"image not found: {record['path']}"
+    if check_image:
+        try:
+            with Image.open(path):  # parses the header only; the pixels are decoded in training
+                pass
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return f"not a readable image: {record['path']} ({type(err).__name__}: {err})"
     return None
 
 
@@ -191,6 +205,10 @@ class BucketBatchSampler:
     load_state_dict() continues with exactly the remaining batches (also after a change of
     world_size: the remainder is re-sharded). A finished epoch moves the sampler to the next one,
     so iterating again without set_epoch gives a new epoch.
+
+    The train loop uses ``rank_stream()`` instead of per-epoch iteration: one endless global
+    sequence of batches, epoch after epoch, sharded without cutting or padding epochs, so that
+    what a step trains on does not depend on the rank count.
     """
 
     def __init__(self, records, bins, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
@@ -264,6 +282,35 @@ class BucketBatchSampler:
             yield batches[position]
         if (self.epoch, self._start) == (epoch, start):  # not re-positioned meanwhile
             self.epoch, self._start, self._yielded = epoch + 1, 0, 0
+
+    def rank_stream(self):
+        """This rank's batches, endlessly, from the current position: yields (epoch, indices, state).
+
+        The global stream is every epoch's plan one after the other (``num_global_batches`` = G
+        each); rank r of W takes global batches N0 + r, N0 + r + W, ... So the sequence of global
+        batches, and with it what each optimizer step trains on, does not depend on the rank
+        count, also across epoch ends: a step may take its last batches from the next epoch
+        (2 ranks equal 1 process accumulating 2 micro-batches for any G). Nothing is dropped or
+        repeated at an epoch's end. ``state`` is ``state_dict()`` as of the end of the W-batch
+        group this batch belongs to: what a checkpoint taken after it stores. The sampler itself
+        is not moved.
+        """
+        G, W = self.num_global_batches, self.world_size
+        n = self.epoch * G + self.state_dict()["consumed_batches"] + self.rank
+        plan_epoch, plan = None, None
+        while True:
+            epoch, position = divmod(n, G)
+            if epoch != plan_epoch:
+                plan_epoch, plan = epoch, self.epoch_plan(epoch)
+            yield epoch, plan[position], self._state_at(n - self.rank + W)
+            n += W
+
+    def _state_at(self, consumed):
+        """state_dict() for ``consumed`` global batches since epoch 0 (an epoch's end stays in it)."""
+        epoch, within = divmod(consumed, self.num_global_batches)
+        if within == 0 and epoch > 0:
+            epoch, within = epoch - 1, self.num_global_batches
+        return {**self.state_dict(), "epoch": epoch, "consumed_batches": within}
 
     def set_epoch(self, epoch):
         """Start `epoch` from its beginning; keeps the position if it is already the current epoch
@@ -421,8 +468,32 @@ def load_batch(dataset, indices, epoch=None):
     return {"images": np.stack([item["image"] for item in items]), **batch_metadata(items)}, skipped
 
 
+class SkipMessages:
+    """Logs the first ``limit`` skipped records one by one, then says once that the rest are only
+    counted (a dataset of broken files must not flood the log: the step lines carry the counts)."""
+
+    def __init__(self, limit=SHOWN_SKIPPED_RECORDS):
+        self.limit = limit
+        self.reset()
+
+    def reset(self):
+        self.count = 0
+
+    def __call__(self, idx, err):
+        self.count += 1
+        if self.count <= self.limit:
+            logger.warning("skipping record %d: %s", idx, err)
+        if self.count == self.limit:
+            logger.warning("further unreadable records are not listed one by one, only counted (training: in the "
+                           "step log lines)")
+
+
+# One per process: the train loop resets it when it starts.
+skip_messages = SkipMessages()
+
+
 def collect_batch_items(loaders, indices, unreadable):
-    """Call each loader, skipping (and logging) records that raise ``unreadable``.
+    """Call each loader, skipping records that raise ``unreadable`` (reported to ``skip_messages``).
 
     Returns (items, num_skipped); the items must all come from one aspect bucket.
     """
@@ -431,7 +502,7 @@ def collect_batch_items(loaders, indices, unreadable):
         try:
             items.append(load())
         except unreadable as err:
-            logger.warning("skipping record %d: %s", idx, err)
+            skip_messages(idx, err)
             skipped += 1
     sizes = {item["size"] for item in items}
     if len(sizes) > 1:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from pixart.tables import BASE_SIZES, DTYPE_NAMES, SAMPLER_NAMES, VERSIONS, ms_dtype
+from pixart.utils.compile_cache import DEFAULT_ROOT as DEFAULT_COMPILE_CACHE
+from pixart.utils.compile_cache import resolve_root
 from pixart.utils.config import config_from_args
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -50,9 +52,11 @@ class PipelineConfig:
     controlnet: Optional[str] = None
     dtype: str = "fp32"
     mode: str = "graph"
+    compile_cache: Optional[str] = DEFAULT_COMPILE_CACHE
     device_target: Optional[str] = None
     sampling_method: str = "dpm"
     sampling_steps: Optional[int] = None
+    timesteps: Optional[List[int]] = None
     guidance_scale: float = 4.5
     ddim_eta: float = 0.0
     sampler_kwargs: dict = field(default_factory=dict)
@@ -81,6 +85,13 @@ class PipelineConfig:
             raise ConfigError(f"--sampling_steps must be at least 1, got {self.sampling_steps}")
         if self.kv_compress and (self.kv_compress_scale_factor < 2 or not self.kv_compress_layer):
             raise ConfigError("--kv_compress needs --kv_compress_scale_factor >= 2 and --kv_compress_layer")
+        if self.timesteps is not None or self.sampling_method == "lcm":  # the sampler's own checks, before loading
+            from pixart.samplers import build_sampler
+
+            try:
+                build_sampler(self.sampling_method, self.sampling_steps, timesteps=self.timesteps)
+            except ValueError as err:
+                raise ConfigError(f"--sampling_method {self.sampling_method}: {err}") from None
         return self
 
     def check_weights(self, components=True):
@@ -158,6 +169,7 @@ class PipelineConfig:
             pipe = cls.from_components(self.checkpoint, self.vae_root, self.text_encoder_root, self.tokenizer_root,
                                        image_size=self.image_size, pe_interpolation=self.pe_interpolation, **common)
         pipe.name = self.model_name
+        pipe.compile_cache = resolve_root(self.compile_cache)
         return pipe
 
 

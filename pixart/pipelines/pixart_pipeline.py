@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
 from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS
 from pixart.models.pixart_weights import from_pretrained as load_transformer
-from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler
+from pixart.pipelines import img2img
+from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler, sampler_for_scheduler_config
 from pixart.utils.errors import CheckpointError, ConfigError
 
 SIGMA_COMPONENTS_REPO = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
@@ -67,6 +68,9 @@ class PixArtSigmaPipeline:
         # Encode (and cross-attend to) only up to the longest real prompt, bucketed; exact, since
         # padded tokens are masked in T5 and in the DiT (see encode_prompts).
         self.trim_text_tokens = True
+        # A folder for MindSpore's compile cache (graph mode): a later process reuses the denoiser
+        # graph compiled for the same shapes instead of compiling it again. None: off.
+        self.compile_cache = None
 
     # ------------------------------------------------------------------ components
 
@@ -120,6 +124,10 @@ class PixArtSigmaPipeline:
             with open(scheduler_json) as f:
                 cfg = json.load(f)
             schedule = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in cfg}
+            if "sampler" not in kwargs:  # e.g. PixArt-LCM ships an LCMScheduler: sample with LCM
+                name, options = sampler_for_scheduler_config(cfg)
+                if name is not None:
+                    kwargs.update(sampler=name, sampler_kwargs={**options, **(kwargs.get("sampler_kwargs") or {})})
         return cls.from_components(os.path.join(path, "transformer"), os.path.join(path, "vae"),
                                    os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer"),
                                    dtype=dtype, text_encoder_dtype=text_encoder_dtype, vae_dtype=vae_dtype,
@@ -226,18 +234,56 @@ class PixArtSigmaPipeline:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.astype(ms.float32)
 
+    def prepare_image_latents(self, inputs, sampler, batch, height, width, seed, noise=None):
+        """img2img / inpainting start at the generation size.
+
+        Encodes the init image(s) (VAE posterior mean × scaling_factor), keeps the timesteps of
+        ``inputs.strength`` (the sampler is reset to them) and noises the latents to the first one
+        (none kept: the clean latents). ``noise``: (B, C, h, w) Tensor, or None for the per-image
+        streams. Returns (latents (B, C, h, w), timesteps to run, inpainting state or None).
+        """
+        vae = self.vae
+        pixels = ms.Tensor(img2img.image_batch(inputs, batch, height, width))
+        image_latents = vae.encode(pixels).mode().astype(ms.float32) * vae.scaling_factor
+        if noise is None:
+            noise = ms.Tensor(img2img.img2img_noise(seed, batch, tuple(image_latents.shape[1:])))
+        run = img2img.strength_timesteps(sampler.timesteps, inputs.strength)
+        if 0 < len(run) < len(sampler.timesteps):
+            sampler.set_timesteps(timesteps=run)  # a fresh multistep history, starting at run[0]
+        x = sampler.add_noise(image_latents, noise, run[0]) if len(run) else image_latents
+        inpaint = None
+        if inputs.inpainting:
+            mask = ms.Tensor(img2img.latent_mask(inputs, batch, height, width))
+            inpaint = {"mask": mask, "keep": 1.0 - mask, "latents": image_latents, "noise": noise}
+        return x, run, inpaint
+
+    @staticmethod
+    def blend_inpaint(x, inpaint, sampler, next_timestep):
+        """Inpainting after a step: the kept area (mask 0) becomes the image latents noised to the
+        next timestep (clean after the last step); the masked area keeps the sampler's x."""
+        known = inpaint["latents"] if next_timestep is None else \
+            sampler.add_noise(inpaint["latents"], inpaint["noise"], next_timestep)
+        return inpaint["mask"] * x + inpaint["keep"] * known
+
     def __call__(self, prompt=None, negative_prompt="", num_inference_steps=None, guidance_scale=4.5, height=None,
                  width=None, num_images_per_prompt=1, seed=None, latents=None, prompt_embeds=None,
                  prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None,
                  use_resolution_binning=True, max_sequence_length=None, output_type="pil", callback=None,
-                 sampler=None, sampler_kwargs=None, clean_caption=True, progress=True, control_image=None,
-                 controlnet_conditioning_scale=1.0):
+                 sampler=None, sampler_kwargs=None, clean_caption=True, progress=True, timesteps=None,
+                 image=None, strength=None, mask_image=None, control_image=None, controlnet_conditioning_scale=1.0):
         """Generate images.
 
         Image k of the batch starts from ``initial_latents(seed + k)`` unless ``latents`` are
         given, and a stochastic sampler's noise for it comes from its own stream of seed + k: an
         image depends on its seed, not on the batch it is generated in. ``sampler`` / ``sampler_kwargs`` (e.g.
         ``{"eta": 0.5}`` for DDIM) override the pipeline's default sampler for this call.
+        ``timesteps`` (strictly descending, e.g. [400] for PixArt-α-DMD) replace the sampler's own.
+
+        img2img / inpainting (see ``pixart.pipelines.img2img``): ``image`` (path, PIL image or
+        (H, W, 3) array in [0, 1]; one, or one per image) with ``strength`` in [0, 1] (default 0.8;
+        1.0 with a mask), and ``mask_image`` of the image's size (white = repaint). The size defaults
+        to the image's; the added noise of image k comes from ``default_rng([seed + k, 2])``, or is
+        ``latents`` when given.
 
         ``control_image`` (with a ``controlnet``): one image for all, or one per image; a PIL
         image, a file path, or numpy (H, W, 3) in [0, 255] (uint8) or [0, 1] (float). It must have
@@ -252,8 +298,13 @@ class PixArtSigmaPipeline:
             height, width = self._check_control(control_image, controlnet_conditioning_scale, height, width)
         sampler_name = sampler or self.sampler_name
         steps = DEFAULT_STEPS[sampler_name] if num_inference_steps is None else num_inference_steps
-        if steps < 1:
+        if steps < 1 and timesteps is None:
             raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
+        if mask_image is not None and image is None:
+            raise ConfigError("mask_image needs an init image (image=)")
+        image_inputs = None if image is None else img2img.check_image_inputs(image, mask_image, strength)
+        if image_inputs is not None:
+            height, width = img2img.default_size(image_inputs, height, width)
         if output_type not in ("pil", "np", "latent"):
             raise ConfigError(f"output_type must be pil, np or latent, got {output_type!r}")
         do_cfg = guidance_scale > 1.0
@@ -285,23 +336,40 @@ class PixArtSigmaPipeline:
             seed = int(np.random.default_rng().integers(2**31))
         # Image k's step noise has its own stream, apart from its starting latents' stream.
         noise = PerImageNoise([seed + k for k in range(batch)], stream=1)
-        sampler_obj = build_sampler(sampler_name, steps, generator=noise, **self.schedule, **options)
+        try:
+            sampler_obj = build_sampler(sampler_name, steps, timesteps=timesteps, generator=noise, **self.schedule,
+                                        **options)
+        except ValueError as err:
+            raise ConfigError(f"sampler {sampler_name}: {err}") from None
         x = self.prepare_latents(batch, height, width, latents, seed) * sampler_obj.init_noise_sigma
+        run, inpaint = sampler_obj.timesteps, None
+        if image_inputs is not None:
+            x, run, inpaint = self.prepare_image_latents(image_inputs, sampler_obj, batch, height, width, seed,
+                                                         noise=x if latents is not None else None)
         y, y_mask = prompt_embeds, prompt_attention_mask
         if do_cfg:  # unconditional first, as diffusers
             y = ops.concat([negative_prompt_embeds, prompt_embeds], axis=0)
             y_mask = ops.concat([negative_prompt_attention_mask, prompt_attention_mask], axis=0)
         model_batch = batch * (2 if do_cfg else 1)
         resolution, aspect = self.micro_conditions(height, width, model_batch)
-        timesteps = [ms.Tensor(np.full((model_batch,), t, np.int32)) for t in sampler_obj.timesteps]
+        timesteps = [ms.Tensor(np.full((model_batch,), t, np.int32)) for t in run]
         channels = x.shape[1]
         control = None
         if control_image is not None:  # hint latents, the same for the guided and unguided halves
             model, control = self._control_inputs(control_image, height, width, batch, do_cfg)
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
+        if self.mode == "graph" and self.compile_cache:
+            from pixart.utils.compile_cache import use_graph_cache
+
+            base = self.transformer  # model is the ControlPixArt around it with a ControlNet
+            use_graph_cache(self.compile_cache, {
+                "model": base.config.to_dict(), "class": type(model).__name__, "dtype": str(base.dtype),
+                "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
+                "backend": getattr(base.blocks[0].attn, "backend", None),
+                "controlnet": getattr(model, "num_layers", None)})
         try:
-            for i, t in enumerate(tqdm(sampler_obj.timesteps, disable=not progress, desc="sampling")):
+            for i, t in enumerate(tqdm(run, disable=not progress, desc="sampling")):
                 model_in = ops.concat([x, x], axis=0) if do_cfg else x
                 if control is not None:
                     out = model(model_in, timesteps[i], y, y_mask, resolution, aspect, None, control,
@@ -315,6 +383,8 @@ class PixArtSigmaPipeline:
                     eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
                     out = ops.concat([eps, cond[:, channels:]], axis=1) if cond.shape[1] > channels else eps
                 x = sampler_obj.step(out, int(t), x)
+                if inpaint is not None:
+                    x = self.blend_inpaint(x, inpaint, sampler_obj, run[i + 1] if i + 1 < len(run) else None)
                 if callback is not None:
                     callback(i, int(t), x)
         finally:
@@ -386,9 +456,13 @@ class PixArtSigmaPipeline:
 
     def generate(self, prompts, num_images=1, batch_size=1, seed=42, negative_prompt="", guidance_scale=4.5,
                  num_inference_steps=None, sampler=None, sampler_kwargs=None, height=None, width=None,
-                 use_resolution_binning=True, progress=True, callback=None, control_image=None,
-                 controlnet_conditioning_scale=1.0):
+                 use_resolution_binning=True, progress=True, callback=None, timesteps=None, image=None,
+                 strength=None, mask_image=None, control_image=None, controlnet_conditioning_scale=1.0):
         """Yield a ``GeneratedImage`` for each of ``num_images`` images of every prompt, in order.
+
+        ``timesteps``, ``image``, ``strength``, ``mask_image``, ``control_image`` and
+        ``controlnet_conditioning_scale`` are ``__call__``'s (custom timesteps, img2img / inpainting
+        from one init image, ControlNet).
 
         All prompts go through T5 first (with ``low_memory`` it is then released, before the DiT
         loads); the images are then denoised ``batch_size`` at a time. Image k (counting over all
@@ -400,6 +474,9 @@ class PixArtSigmaPipeline:
             raise ConfigError("num_images and batch_size must be at least 1")
         sampler_name = sampler or self.sampler_name
         steps = DEFAULT_STEPS[sampler_name] if num_inference_steps is None else num_inference_steps
+        extra = image_fields(timesteps, image, strength, mask_image)
+        if timesteps is not None:
+            steps = len(timesteps)
         jobs = [p for p in prompts for _ in range(num_images)]
         do_cfg = guidance_scale > 1.0
         embeds, mask, neg, neg_mask = self.encode_prompt(jobs, negative_prompt, do_cfg)
@@ -410,18 +487,35 @@ class PixArtSigmaPipeline:
                        negative_prompt_attention_mask=pick(neg_mask), seed=seed + start,
                        num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                        use_resolution_binning=use_resolution_binning, sampler=sampler_name,
-                       sampler_kwargs=sampler_kwargs, progress=progress, callback=callback,
-                       control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale)
-            for k, image in enumerate(out.images, start):
+                       sampler_kwargs=sampler_kwargs, progress=progress, callback=callback, timesteps=timesteps,
+                       image=image, strength=strength, mask_image=mask_image, control_image=control_image,
+                       controlnet_conditioning_scale=controlnet_conditioning_scale)
+            for k, picture in enumerate(out.images, start):
                 fields = dict(prompt=jobs[k], negative_prompt=negative_prompt, seed=seed + k, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler_name,
-                              size=f"{image.size[0]}x{image.size[1]}", model=self.name)
+                              size=f"{picture.size[0]}x{picture.size[1]}", model=self.name, **extra)
                 if control_image is not None:
-                    fields.update(controlnet=os.path.basename(os.path.normpath(self.controlnet))
-                                  if isinstance(self.controlnet, str) else "ControlNet",
-                                  control_image=control_image if isinstance(control_image, str) else "(array)",
-                                  controlnet_conditioning_scale=controlnet_conditioning_scale)
-                yield GeneratedImage(index=k, image=image, fields=fields)
+                    fields.update(controlnet_fields(self.controlnet, control_image, controlnet_conditioning_scale))
+                yield GeneratedImage(index=k, image=picture, fields=fields)
+
+
+def image_fields(timesteps=None, image=None, strength=None, mask_image=None):
+    """The metadata fields of the few-step / img2img options that were used (file names of paths)."""
+    fields = {"timesteps": " ".join(map(str, timesteps))} if timesteps else {}
+    if image is not None:
+        default = img2img.INPAINT_STRENGTH if mask_image is not None else img2img.IMG2IMG_STRENGTH
+        fields.update(init_image=os.path.basename(image) if isinstance(image, str) else "(array)",
+                      strength=strength if strength is not None else default)
+        if mask_image is not None:
+            fields["mask_image"] = os.path.basename(mask_image) if isinstance(mask_image, str) else "(array)"
+    return fields
+
+
+def controlnet_fields(controlnet, control_image, scale):
+    """The metadata fields of a ControlNet run (file names of paths)."""
+    return {"controlnet": os.path.basename(os.path.normpath(controlnet)) if isinstance(controlnet, str) else "ControlNet",
+            "control_image": os.path.basename(control_image) if isinstance(control_image, str) else "(array)",
+            "controlnet_conditioning_scale": scale}
 
 
 @dataclass

@@ -41,26 +41,36 @@ class DDIMSampler(Sampler):
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
 
-    def set_timesteps(self, num_inference_steps: int):
-        T, n = self.num_train_timesteps, num_inference_steps
-        if n > T:
-            raise ValueError(f"num_inference_steps {n} > num_train_timesteps {T}")
-        if self.timestep_spacing == "leading":
-            t = np.arange(0, n) * (T // n) + self.steps_offset
-        elif self.timestep_spacing == "linspace":
-            t = np.linspace(0, T - 1, n).round()
-        elif self.timestep_spacing == "trailing":
-            t = np.round(np.arange(T, 0, -T / n)) - 1
+    def set_timesteps(self, num_inference_steps=None, timesteps=None):
+        T = self.num_train_timesteps
+        custom = self._resolve_timesteps(num_inference_steps, timesteps)
+        if custom is not None:
+            self.timesteps = custom
+            self.num_inference_steps = len(custom)
+            # A custom schedule steps from each timestep to the next one listed (the last to ᾱ = final).
+            prev_of = dict(zip(custom.tolist(), custom[1:].tolist() + [-1]))
         else:
-            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}")
-        self.timesteps = np.ascontiguousarray(t[::-1]).astype(np.int64)
-        self.num_inference_steps = n
+            n = num_inference_steps
+            if n > T:
+                raise ValueError(f"num_inference_steps {n} > num_train_timesteps {T}")
+            if self.timestep_spacing == "leading":
+                t = np.arange(0, n) * (T // n) + self.steps_offset
+            elif self.timestep_spacing == "linspace":
+                t = np.linspace(0, T - 1, n).round()
+            elif self.timestep_spacing == "trailing":
+                t = np.round(np.arange(T, 0, -T / n)) - 1
+            else:
+                raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}")
+            self.timesteps = np.ascontiguousarray(t[::-1]).astype(np.int64)
+            self.num_inference_steps = n
+            # Like diffusers, the previous timestep is always t - T//n (for "leading" spacing that is
+            # exactly the next visited one).
+            prev_of = {int(t): int(t) - T // n for t in self.timesteps}
 
-        # Per visited timestep. Like diffusers, the previous timestep is always t - T//n (for
-        # "leading" spacing that is exactly the next visited one).
+        # Per visited timestep.
         self._coeffs = {}
         for t in self.timesteps:
-            prev_t = int(t) - T // n
+            prev_t = prev_of[int(t)]
             a_t = float(self.alphas_cumprod[t])
             a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
             variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)

@@ -46,9 +46,11 @@ class DPMSolverSampler(Sampler):
         self._history: List = []
         self._step_index: Optional[int] = None
 
-    def set_timesteps(self, num_inference_steps: int):
+    def set_timesteps(self, num_inference_steps=None, timesteps=None):
         T = self.num_train_timesteps
-        self.timesteps = solver_timesteps(T, num_inference_steps, self.timestep_spacing, self.steps_offset)
+        custom = self._resolve_timesteps(num_inference_steps, timesteps)
+        self.timesteps = custom if custom is not None else \
+            solver_timesteps(T, num_inference_steps, self.timestep_spacing, self.steps_offset)
         self.num_inference_steps = n = len(self.timesteps)
 
         # σ̃ at each visited timestep plus the end point; interpolation only matters for fractional t.

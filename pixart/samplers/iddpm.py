@@ -269,9 +269,15 @@ class IDDPMSampler(Sampler):
         return self.diffusion.training_losses(model_output, x_start, x_t, t, noise)
 
     # -------------------------------------------------------------- sampling side
-    def set_timesteps(self, num_inference_steps: Union[int, str]):
-        """Respace to `num_inference_steps` (int, or an IDDPM spec like "100", "10,20" or "ddim25")."""
-        kept = space_timesteps(self.num_train_timesteps, num_inference_steps)
+    def set_timesteps(self, num_inference_steps: Union[int, str, None] = None, timesteps=None):
+        """Respace to `num_inference_steps` (int, or an IDDPM spec like "100", "10,20" or "ddim25"), or to
+        the custom `timesteps` (descending; as diffusers' DDPMScheduler.set_timesteps(timesteps=...))."""
+        if isinstance(num_inference_steps, str) and timesteps is None:
+            kept = space_timesteps(self.num_train_timesteps, num_inference_steps)
+        else:
+            custom = self._resolve_timesteps(num_inference_steps, timesteps)
+            kept = sorted(custom.tolist()) if custom is not None else \
+                space_timesteps(self.num_train_timesteps, num_inference_steps)
         self._respaced = GaussianDiffusion(respace_betas(self.alphas_cumprod, kept), self.rescale_learned_sigmas)
         self.timesteps = np.array(kept[::-1], dtype=np.int64)
         self.num_inference_steps = len(kept)

@@ -113,9 +113,11 @@ class SASolverSampler(Sampler):
             "z": float(sigma[k_to] * math.sqrt(max(0.0, 1.0 - math.exp(-2.0 * tau**2 * h)))),
         }
 
-    def set_timesteps(self, num_inference_steps: int):
+    def set_timesteps(self, num_inference_steps=None, timesteps=None):
         T = self.num_train_timesteps
-        self.timesteps = solver_timesteps(T, num_inference_steps, self.timestep_spacing, self.steps_offset)
+        custom = self._resolve_timesteps(num_inference_steps, timesteps)
+        self.timesteps = custom if custom is not None else \
+            solver_timesteps(T, num_inference_steps, self.timestep_spacing, self.steps_offset)
         self.num_inference_steps = n = len(self.timesteps)
 
         # σ̃ per visited timestep; unlike DPM-Solver++ the last step ends at σ̃(t=0), not at 0.

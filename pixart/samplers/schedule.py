@@ -71,8 +71,9 @@ class Sampler(ABC):
     """Base class: holds the training schedule, the timesteps and a numpy noise generator.
 
     Interface shared by all samplers (diffusers-like, so the pipeline can swap them):
-        set_timesteps(num_inference_steps)
+        set_timesteps(num_inference_steps) or set_timesteps(timesteps=[t0, t1, ...])
         timesteps            (n,) int64 numpy array, in the order they are visited
+        add_noise(x0, noise, t)   x0 noised to timestep t on the training schedule (img2img)
         init_noise_sigma     float, std of the initial latent noise
         step(model_output, timestep, sample, noise=None) -> prev_sample
     `model_output` is (N, C, H, W) ε or (N, 2C, H, W) [ε, learned-variance]; `sample` is (N, C, H, W).
@@ -107,14 +108,45 @@ class Sampler(ABC):
         return sample
 
     @abstractmethod
-    def set_timesteps(self, num_inference_steps: int):
-        """Choose the timesteps of an n-step sampling run (``self.timesteps``, visiting order)."""
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, timesteps=None):
+        """Choose the timesteps of a sampling run (``self.timesteps``, visiting order): n evenly spaced
+        ones by the sampler's own rule, or the given custom ``timesteps`` (strictly descending ints in
+        [0, T), e.g. [400] for PixArt-α-DMD's one step)."""
 
     @abstractmethod
     def step(self, model_output, timestep, sample, noise=None):
         """One denoising step: the sample at ``timestep`` -> the sample at the next timestep."""
 
+    def add_noise(self, original_samples, noise, timestep):
+        """q(x_t | x_0): sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) z, (N, C, H, W), for one int timestep t.
+
+        Same as diffusers' ``scheduler.add_noise``; img2img starts from the image latents noised to the
+        first timestep it runs, and inpainting re-noises the kept area to each following timestep.
+        """
+        a = float(self.alphas_cumprod[int(timestep)])
+        return _restore_dtype(a**0.5 * _to_float32(original_samples) + (1.0 - a) ** 0.5 * _to_float32(noise),
+                              original_samples)
+
     # ------------------------------------------------------------------ helpers for subclasses
+    def _resolve_timesteps(self, num_inference_steps, timesteps):
+        """Check the set_timesteps arguments: exactly one of them; custom timesteps must be strictly
+        descending ints in [0, T). Returns the custom timesteps as (n,) int64, or None."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("give exactly one of num_inference_steps and timesteps")
+        if timesteps is None:
+            if int(num_inference_steps) < 1:
+                raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+            return None
+        values = np.asarray(timesteps).reshape(-1)
+        if values.size == 0 or not np.all(np.equal(np.mod(values, 1), 0)):
+            raise ValueError(f"timesteps must be a non-empty list of integers, got {list(values)}")
+        values = values.astype(np.int64)
+        if values.min() < 0 or values.max() >= self.num_train_timesteps:
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {values.tolist()}")
+        if np.any(np.diff(values) >= 0):
+            raise ValueError(f"timesteps must be strictly descending, got {values.tolist()}")
+        return values
+
     def _check_ready(self):
         if self.timesteps is None:
             raise RuntimeError(f"{type(self).__name__}: call set_timesteps() before step()")

@@ -16,7 +16,8 @@ A checkpoint ``<output>/checkpoints/step-000500.ckpt`` holds, by name:
 No RNG state is stored: every random number is a function of (seed, step, micro-batch).
 Files are written by ``pixart.utils.checkpoint.save_ckpt`` (temporary file + rename), so a run
 killed mid-save leaves the previous checkpoints intact and at most a hidden ``.step-*.tmp`` file,
-which the next run removes.
+which the next run removes (once it holds the folder's lock: never a live run's). The file and its
+folder are fsynced around the rename, so a power loss cannot leave a renamed but empty checkpoint.
 """
 import glob
 import json
@@ -62,6 +63,36 @@ def remove_stale_temporaries(output_dir):
     for path in glob.glob(os.path.join(output_dir, CHECKPOINT_DIR, ".step-*.tmp*")):
         os.remove(path)
         logger.info("removed the unfinished checkpoint %s", path)
+
+
+def set_aside_newer(output_dir, step):
+    """Rename checkpoints newer than ``step`` to ``*.ckpt.superseded``: a run resumed from an older
+    checkpoint rewrites those steps, and meanwhile they must neither be picked by a later
+    ``--resume`` nor make ``keep_last`` delete the checkpoints this run writes."""
+    moved = []
+    for found_step, path in list_checkpoints(output_dir):
+        if found_step > step:
+            os.replace(path, path + ".superseded")
+            moved.append(path + ".superseded")
+            logger.warning("resumed from step %d: set aside the newer checkpoint %s as %s", step, path, moved[-1])
+    return moved
+
+
+def unreadable_hint(path):
+    """For a checkpoint that does not read: the newest older checkpoint beside it that does, and
+    how to continue from it (an empty string for a file outside a checkpoints folder)."""
+    match = _NAME.match(os.path.basename(path))
+    if not match:
+        return ""
+    output_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    for step, older in reversed(list_checkpoints(output_dir)):
+        if step < int(match.group(1)):
+            try:
+                read_training_checkpoint(older)
+            except CheckpointError:
+                continue
+            return f"; the newest readable checkpoint is {older} (step {step}): continue from it with --resume {older}"
+    return "; no older checkpoint beside it is readable"
 
 
 def keep_last(output_dir, keep):

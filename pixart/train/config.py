@@ -99,7 +99,7 @@ class TrainConfig:
         """The weights and validation sampler as a PipelineConfig (its checks and paths); the
         training dtype is a mixed-precision setting, not the pipeline's parameter dtype. (The
         ControlNet to train is checked by ``check``: ``--controlnet`` alone means a new one.)"""
-        return PipelineConfig.from_args(self, mode="graph", dtype="fp32", controlnet=None)
+        return PipelineConfig.from_args(self, mode="graph", dtype="fp32", compile_cache=None, controlnet=None)
 
     @property
     def paths(self):

@@ -1,6 +1,6 @@
 """PixArt fine-tuning: the loop around the train step (data, checkpoints, resume, EMA, validation).
 
-    trainer = Trainer(args)          # args: train.py's options (see train.py --help)
+    trainer = Trainer(config)        # a TrainConfig (pixart/train/config.py): train.py's options
     trainer.train()
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``batch_size`` images on every
@@ -25,9 +25,11 @@ import numpy as np
 import mindspore as ms
 
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
+from pixart.data.dataset import skip_messages
 from pixart.models.pixart_weights import from_pretrained, save_pixart_ckpt
 from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS, ms_dtype
 from pixart.train import checkpointing as ckpt
+from pixart.train.outputs import refuse_existing_run, tag_process_output
 from pixart.train.optim import WarmupSchedule, lr_at, scaled_learning_rate
 from pixart.train.step import TrainStep, draw_step_noise
 from pixart.utils.checkpoint import to_tensor
@@ -56,6 +58,7 @@ def init_distributed(use_parallel):
 
     init()
     rank, world = get_rank(), get_group_size()
+    tag_process_output(rank, world)  # MindSpore's own log lines name the rank too
     ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
     return rank, world
 
@@ -83,15 +86,20 @@ class Batch:
 
 
 class BatchStream:
-    """Endless micro-batches over epochs, loaded ``prefetch`` batches ahead by a background thread.
+    """Endless micro-batches of this rank, loaded ``prefetch`` batches ahead by a background thread.
 
-    Batches whose images are all unreadable are skipped (their count is carried to the next one).
-    The order is the sampler's, so it is deterministic; each Batch carries ``sampler.state_dict()``
-    as of its own position, not the thread's read-ahead position.
+    The order is ``sampler.rank_stream()``'s (deterministic, the same global batch sequence for any
+    rank count); each Batch carries the sampler position as of its own place in that order, not
+    the thread's read-ahead position. Batches whose images are all unreadable are skipped (their
+    count is carried to the next batch, for the log). If a whole epoch's worth of this rank's
+    batches in a row yields nothing, the data is broken beyond skipping: a ConfigError is raised
+    (in the training thread, by ``next``) instead of looping forever.
     """
 
     def __init__(self, sampler, load, prefetch=2):
         self.sampler, self.load = sampler, load
+        # This rank's share of one epoch: that many empty batches in a row cannot be bad luck.
+        self.max_empty = -(-sampler.num_global_batches // sampler.world_size)
         self.queue = queue.Queue(maxsize=max(1, prefetch))
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._produce, name="batch-loader", daemon=True)
@@ -99,17 +107,22 @@ class BatchStream:
 
     def _produce(self):
         try:
-            skipped = 0
-            while not self.stopped.is_set():
-                epoch = self.sampler.epoch
-                for indices in self.sampler:
-                    data, n = self.load(indices, epoch)
-                    skipped += n
-                    if data is not None:
-                        self._put(Batch(data, epoch, skipped, self.sampler.state_dict()))
-                        skipped = 0
-                    if self.stopped.is_set():
-                        return
+            skipped, empty, empty_images = 0, 0, 0
+            for epoch, indices, state in self.sampler.rank_stream():
+                data, n = self.load(indices, epoch)
+                skipped += n
+                if data is not None:
+                    self._put(Batch(data, epoch, skipped, state))
+                    skipped, empty, empty_images = 0, 0, 0
+                else:
+                    empty, empty_images = empty + 1, empty_images + len(indices)
+                    if empty >= self.max_empty:
+                        raise ConfigError(
+                            f"none of the last {empty_images} records ({empty} batches in a row, a whole epoch's "
+                            "worth) could be read: the images are damaged or not images (see the 'skipping "
+                            "record' lines); fix or remove them")
+                if self.stopped.is_set():
+                    return
         except BaseException as err:  # handed to the training thread, which raises it
             self._put(err)
 
@@ -135,16 +148,16 @@ class BatchStream:
 
 
 class Trainer:
-    """Builds everything from ``args`` (train.py's namespace) and runs ``train()``."""
+    """Builds everything from a ``TrainConfig`` (train.py's options) and runs ``train()``."""
 
-    def __init__(self, args, rank=0, world_size=1, device_target="CPU"):
-        self.args = args
+    def __init__(self, config, rank=0, world_size=1, device_target="CPU"):
+        self.config = cfg = config
         self.rank, self.world_size = rank, world_size
         self.device_target = device_target
         self.step = 0
         self.history = []  # (step, loss) of every logged window, for tests and plots
-        self.feature_mode = bool(getattr(args, "feature_dir", None))
-        self.dtype = resolve_dtype(args.dtype, device_target)
+        self.feature_mode = bool(getattr(cfg, "feature_dir", None))
+        self.dtype = resolve_dtype(cfg.dtype, device_target)
         self.vae = self.tokenizer = self.text_encoder = None
         self.controlnet = None  # the ControlNet branch (train.py --controlnet); the DiT is then frozen
         self.validation_inputs = None
@@ -154,117 +167,112 @@ class Trainer:
         self._build_model()
         self._build_step()
         self.data_state = self.sampler.state_dict()
-        if args.resume:
-            self._resume(args.resume)
-        elif ckpt.latest_checkpoint(args.output_path):
-            raise ConfigError(f"{args.output_path} already holds the checkpoints of a run "
-                              f"({ckpt.latest_checkpoint(args.output_path)}): pass --resume to continue it, or "
-                              "choose another --output_path")
+        refuse_existing_run(cfg.output_path, cfg.resume)
+        if cfg.resume:
+            self._resume(cfg.resume)
 
     # ------------------------------------------------------------------ setup
 
     def _build_data(self):
-        args = self.args
+        cfg = self.config
         if self.feature_mode:
             from pixart.data.features import FeatureDataset, load_feature_batch
 
-            self.dataset = FeatureDataset(args.feature_dir, real_prompt_ratio=args.real_prompt_ratio, seed=args.seed)
+            self.dataset = FeatureDataset(cfg.feature_dir, real_prompt_ratio=cfg.real_prompt_ratio, seed=cfg.seed)
             self.bins = self.dataset.bins
             # The features fix the resolution (their buckets); the model geometry follows it as in image mode.
             extracted = int(self.dataset.config["image_size"])
-            if args.image_size not in (None, extracted):
-                raise ConfigError(f"--image_size {args.image_size} but the features in {args.feature_dir} were "
+            if cfg.image_size not in (None, extracted):
+                raise ConfigError(f"--image_size {cfg.image_size} but the features in {cfg.feature_dir} were "
                                   f"extracted at {extracted}")
-            args.image_size = extracted
+            cfg.image_size = extracted
             records = self.dataset.records
             self._load = lambda indices, epoch: load_feature_batch(self.dataset, indices, epoch)
-            if args.controlnet:
+            if cfg.controlnet:
                 from pixart.train.controlnet import with_control_features
 
                 self._load = with_control_features(self._load, self.dataset)
-            logger.info("features: %d records from %s", len(records), args.feature_dir)
+            logger.info("features: %d records from %s", len(records), cfg.feature_dir)
         else:
-            records, counts = load_records(args.json_path, args.image_dir, skip_bad_records=args.skip_bad_records)
+            # check_images: files that are not images are refused now, not met one by one in training.
+            records, counts = load_records(cfg.json_path, cfg.image_dir, skip_bad_records=cfg.skip_bad_records,
+                                           check_images=True)
             logger.info("data: %d records kept of %d (%d invalid, %d with extreme aspect ratios)", counts["kept"],
                         counts["total"], counts["bad"], counts["extreme_ratio"])
-            base = args.image_size
+            base = cfg.image_size
             bins = get_bins(base)
-            self.bins = bins if args.multi_scale else {"1.0": bins["1.0"]}  # square only (the 256 fixed-grid model)
-            self.dataset = TrainDataset(records, args.image_dir, self.bins, real_prompt_ratio=args.real_prompt_ratio,
-                                        seed=args.seed)
+            self.bins = bins if cfg.multi_scale else {"1.0": bins["1.0"]}  # square only (the 256 fixed-grid model)
+            self.dataset = TrainDataset(records, cfg.image_dir, self.bins, real_prompt_ratio=cfg.real_prompt_ratio,
+                                        seed=cfg.seed)
             self._load = lambda indices, epoch: load_batch(self.dataset, indices, epoch)
-            if args.controlnet:
+            if cfg.controlnet:
                 from pixart.train.controlnet import check_control_records, with_control_images
 
-                check_control_records(records, args.image_dir)
+                check_control_records(records, cfg.image_dir)
                 self._load = with_control_images(self._load, self.dataset)
-        self.sampler = BucketBatchSampler(records, self.bins, args.batch_size, shuffle=True, seed=args.seed,
+        self.sampler = BucketBatchSampler(records, self.bins, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                           rank=self.rank, world_size=self.world_size, drop_last=True)
-        accum = args.gradient_accumulation_steps
-        self.total_steps = args.max_steps or (args.epochs * len(self.sampler)) // accum
+        accum = cfg.gradient_accumulation_steps
+        # Every step consumes world_size × accum global batches of the stream (see BatchStream).
+        per_step = self.world_size * accum
+        self.total_steps = cfg.max_steps or (cfg.epochs * self.sampler.num_global_batches) // per_step
         if self.total_steps < 1:
-            raise ConfigError(f"{len(self.sampler)} batch(es) per epoch per rank and {accum} accumulation steps "
-                              f"give no optimizer step in {args.epochs} epoch(s); lower gradient_accumulation_steps "
-                              "or add epochs")
+            raise ConfigError(f"{self.sampler.num_global_batches} batch(es) per epoch for {self.world_size} rank(s) "
+                              f"× {accum} accumulation steps give no optimizer step in {cfg.epochs} epoch(s); "
+                              "lower gradient_accumulation_steps or add epochs")
 
     def _model_overrides(self):
-        args = self.args
-        overrides = {"attention_backend": args.attention_backend,
-                     "model_max_length": args.t5_max_length or TEXT_TOKENS[args.version]}
-        if args.image_size:
-            overrides.update(input_size=args.image_size // 8, pe_interpolation=PE_INTERPOLATION[args.image_size])
-        if args.pe_interpolation is not None:
-            overrides["pe_interpolation"] = float(args.pe_interpolation)
-        if args.kv_compress:
-            overrides["kv_compress_config"] = {"sampling": args.kv_compress_sampling,
-                                               "scale_factor": args.kv_compress_scale_factor,
-                                               "kv_compress_layer": list(args.kv_compress_layer)}
+        cfg = self.config
+        overrides = {"attention_backend": cfg.attention_backend,
+                     "model_max_length": cfg.t5_max_length or TEXT_TOKENS[cfg.version]}
+        if cfg.image_size:
+            overrides.update(input_size=cfg.image_size // 8, pe_interpolation=PE_INTERPOLATION[cfg.image_size])
+        if cfg.pe_interpolation is not None:
+            overrides["pe_interpolation"] = float(cfg.pe_interpolation)
+        if cfg.kv_compress:
+            overrides["kv_compress_config"] = {"sampling": cfg.kv_compress_sampling,
+                                               "scale_factor": cfg.kv_compress_scale_factor,
+                                               "kv_compress_layer": list(cfg.kv_compress_layer)}
         return overrides
 
     def _build_model(self):
-        args = self.args
+        cfg = self.config
         self.model = from_pretrained(self.paths["transformer"], **self._model_overrides())
         if self.feature_mode and self.dataset.max_length != self.model.config.model_max_length:
             raise ConfigError(f"the features hold {self.dataset.max_length} text tokens, the model takes "
                               f"{self.model.config.model_max_length} (--t5_max_length)")
-        if args.lora_rank:
+        if cfg.lora_rank:
             from pixart.models.lora import inject_lora
 
-            inject_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_target_modules, seed=args.seed)
+            inject_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, seed=cfg.seed)
         # Trained weights by name (LoRA: only the adapters; full fine-tuning: everything).
         self.trained = [(n, p) for n, p in self.model.parameters_and_names() if p.requires_grad]
         self.net = self.model
-        if args.controlnet:  # only the ControlNet branch trains
+        if cfg.controlnet:  # only the ControlNet branch trains
             from pixart.train.controlnet import build_controlnet_training
 
             self.controlnet, self.trained, self.net = build_controlnet_training(
-                self.model, args.controlnet, args.controlnet_layers, args.attention_backend)
-        if args.recompute:
+                self.model, cfg.controlnet, cfg.controlnet_layers, cfg.attention_backend)
+        if cfg.recompute:
             for block in list(self.model.blocks) + list(self.controlnet.controlnet if self.controlnet else []):
                 block.recompute()
         if self.dtype != "fp32":
-            self.net = ms.amp.auto_mixed_precision(self.net, args.amp_level, dtype=ms_dtype(self.dtype))
+            self.net = ms.amp.auto_mixed_precision(self.net, cfg.amp_level, dtype=ms_dtype(self.dtype))
         n_trained = sum(int(np.prod(p.shape)) for _, p in self.trained)
         n_total = sum(int(np.prod(p.shape)) for _, p in self.model.parameters_and_names())
         logger.info("model: %s, %d blocks, %.1fM parameters, %.2fM trained%s, compute %s%s", self.paths["transformer"],
                     len(self.model.blocks), n_total / 1e6, n_trained / 1e6,
-                    f" (LoRA rank {args.lora_rank})" if args.lora_rank else "", self.dtype,
-                    ", recompute" if args.recompute else "")
+                    f" (LoRA rank {cfg.lora_rank})" if cfg.lora_rank else "", self.dtype,
+                    ", recompute" if cfg.recompute else "")
         if not self.feature_mode:
             self._load_encoders()
-        if self.rank == 0 and args.visualize:
+        if self.rank == 0 and cfg.visualize:
             self._prepare_validation()
 
     @property
     def paths(self):
         """Weights locations: a diffusers folder's parts, or --checkpoint and the *_root folders."""
-        args = self.args
-        if args.pretrained_path:
-            root = args.pretrained_path
-            return {"transformer": os.path.join(root, "transformer"), "vae": os.path.join(root, "vae"),
-                    "text_encoder": os.path.join(root, "text_encoder"), "tokenizer": os.path.join(root, "tokenizer")}
-        return {"transformer": args.checkpoint, "vae": args.vae_root, "text_encoder": args.text_encoder_root,
-                "tokenizer": args.tokenizer_root}
+        return self.config.paths
 
     def _load_encoders(self):
         from pixart.models.autoencoder_kl import AutoencoderKL
@@ -273,26 +281,26 @@ class Trainer:
 
         self.vae = AutoencoderKL.from_pretrained(self.paths["vae"]).set_train(False)
         self.tokenizer = PromptTokenizer.from_pretrained(self.paths["tokenizer"])
-        self.text_encoder = T5Encoder.from_pretrained(self.paths["text_encoder"], backend=self.args.attention_backend)
+        self.text_encoder = T5Encoder.from_pretrained(self.paths["text_encoder"], backend=self.config.attention_backend)
 
     def _build_step(self):
-        args = self.args
-        accum = args.gradient_accumulation_steps
-        global_batch = args.batch_size * self.world_size * accum
-        self.lr = scaled_learning_rate(args.start_learning_rate, global_batch, args.auto_lr)
-        self.schedule_args = dict(lr=self.lr, warmup_steps=args.warmup_steps, schedule=args.scheduler,
-                                  total_steps=self.total_steps, min_lr=args.min_learning_rate)
-        self.train_step = TrainStep(self.net, self.trained, WarmupSchedule(**self.schedule_args), optim=args.optim,
-                                    betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
-                                    ema_rate=args.ema_rate if args.use_ema else None, dtype=self.dtype,
-                                    clip_norm=args.max_grad_norm if args.clip_grad else 0.0, accum_steps=accum,
-                                    world_size=self.world_size, init_loss_scale=args.init_loss_scale,
-                                    scale_window=args.scale_window)
+        cfg = self.config
+        accum = cfg.gradient_accumulation_steps
+        global_batch = cfg.batch_size * self.world_size * accum
+        self.lr = scaled_learning_rate(cfg.start_learning_rate, global_batch, cfg.auto_lr)
+        self.schedule_args = dict(lr=self.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.scheduler,
+                                  total_steps=self.total_steps, min_lr=cfg.min_learning_rate)
+        self.train_step = TrainStep(self.net, self.trained, WarmupSchedule(**self.schedule_args), optim=cfg.optim,
+                                    betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                    ema_rate=cfg.ema_rate if cfg.use_ema else None, dtype=self.dtype,
+                                    clip_norm=cfg.max_grad_norm if cfg.clip_grad else 0.0, accum_steps=accum,
+                                    world_size=self.world_size, init_loss_scale=cfg.init_loss_scale,
+                                    scale_window=cfg.scale_window)
         self.ema = self.train_step.ema
         logger.info("optimizer: %s, lr %.3g (%s-scaled for global batch %d = %d × %d rank(s) × %d accumulation), "
-                    "warm-up %d, %s schedule, %d steps (%d micro-batches per epoch per rank)", args.optim, self.lr,
-                    args.auto_lr, global_batch, args.batch_size, self.world_size, accum, args.warmup_steps,
-                    args.scheduler, self.total_steps, len(self.sampler))
+                    "warm-up %d, %s schedule, %d steps (%d batches per epoch, over all ranks)", cfg.optim, self.lr,
+                    cfg.auto_lr, global_batch, cfg.batch_size, self.world_size, accum, cfg.warmup_steps,
+                    cfg.scheduler, self.total_steps, self.sampler.num_global_batches)
 
     # ------------------------------------------------------------------ inputs
 
@@ -305,8 +313,8 @@ class Trainer:
         else:
             latents, y, mask = self._encode(data, batch.epoch)
         n = latents.shape[0]
-        draws = draw_step_noise(self.args.seed, self.step, micro, n, tuple(latents.shape[1:]),
-                                self.train_step.diffusion.num_timesteps, self.args.class_dropout_prob)
+        draws = draw_step_noise(self.config.seed, self.step, micro, n, tuple(latents.shape[1:]),
+                                self.train_step.diffusion.num_timesteps, self.config.class_dropout_prob)
         resolution = ms.Tensor(data["original_sizes"].astype(np.float32))
         aspect = ms.Tensor(np.full((n, 1), float(data["bucket"]), np.float32))
         inputs = (latents, y, mask.astype(ms.int32), ms.Tensor(draws["t"]), ms.Tensor(draws["noise"]),
@@ -324,7 +332,7 @@ class Trainer:
         from pixart.models.tokenizer import encode_prompts
 
         posterior = self.vae.encode(ms.Tensor(data["images"]))
-        eps = latent_noise(self.args.seed, epoch, data["indices"], tuple(posterior.mean.shape[1:]))
+        eps = latent_noise(self.config.seed, epoch, data["indices"], tuple(posterior.mean.shape[1:]))
         latents = posterior.sample(noise=eps).astype(ms.float32) * self.vae.scaling_factor
         # No caption cleaning: the original training code feeds captions to T5 as they are.
         y, mask = encode_prompts(self.tokenizer, self.text_encoder, data["captions"],
@@ -334,9 +342,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self):
-        args = self.args
-        accum = args.gradient_accumulation_steps
-        stream = BatchStream(self.sampler, self._load, prefetch=args.prefetch)
+        cfg = self.config
+        accum = cfg.gradient_accumulation_steps
+        skip_messages.reset()  # before the loader thread starts
+        stream = BatchStream(self.sampler, self._load, prefetch=cfg.prefetch)
         window = {"loss": [], "mse": [], "vb": [], "norm": [], "skipped_images": 0, "skipped_steps": 0,
                   "start": time.perf_counter(), "steps": 0, "images": 0}
         batch = None
@@ -355,13 +364,13 @@ class Trainer:
                 self.step += 1
                 self.epoch, self.data_state = batch.epoch, batch.data_state
                 window["steps"] += 1
-                if self.step % args.log_loss_interval == 0 or self.step == self.total_steps:
+                if self.step % cfg.log_loss_interval == 0 or self.step == self.total_steps:
                     self._log(window)
                 paused = time.perf_counter()  # validation and checkpoints do not count as step time
-                if self.rank == 0 and args.visualize and args.visualize_interval and \
-                        self.step % args.visualize_interval == 0:
+                if self.rank == 0 and cfg.visualize and cfg.visualize_interval and \
+                        self.step % cfg.visualize_interval == 0:
                     self.validate()
-                if self.rank == 0 and (self.step % args.ckpt_save_interval == 0 or self.step == self.total_steps):
+                if self.rank == 0 and (self.step % cfg.ckpt_save_interval == 0 or self.step == self.total_steps):
                     self.save_checkpoint()
                 window["start"] += time.perf_counter() - paused
         finally:
@@ -398,8 +407,8 @@ class Trainer:
 
     def run_config(self):
         """The options stored with a checkpoint and checked on resume."""
-        args = self.args
-        config = {key: getattr(args, key, None) for key in RESUME_KEYS + RESUME_WARN_KEYS}
+        cfg = self.config
+        config = {key: getattr(cfg, key, None) for key in RESUME_KEYS + RESUME_WARN_KEYS}
         config["world_size"] = self.world_size
         if isinstance(config.get("lora_target_modules"), (list, tuple)):
             config["lora_target_modules"] = list(config["lora_target_modules"])
@@ -414,21 +423,24 @@ class Trainer:
         return tensors
 
     def save_checkpoint(self):
-        path = ckpt.checkpoint_path(self.args.output_path, self.step)
+        path = ckpt.checkpoint_path(self.config.output_path, self.step)
         started = time.perf_counter()
         ckpt.save_training_checkpoint(path, self.state_tensors(), self.step, self.epoch, self.data_state,
                                       self.model.config.to_dict(), self.run_config())
-        removed = ckpt.keep_last(self.args.output_path, self.args.ckpt_max_keep)
+        removed = ckpt.keep_last(self.config.output_path, self.config.ckpt_max_keep)
         logger.info("saved %s in %.1fs%s", path, time.perf_counter() - started,
                     f" (removed {len(removed)} older)" if removed else "")
         return path
 
     def _resume(self, which):
-        path = ckpt.latest_checkpoint(self.args.output_path) if which == "latest" else which
+        path = ckpt.latest_checkpoint(self.config.output_path) if which == "latest" else which
         if path is None:
-            logger.info("no checkpoint in %s: starting from step 0", self.args.output_path)
+            logger.info("no checkpoint in %s: starting from step 0", self.config.output_path)
             return
-        tensors, meta = ckpt.read_training_checkpoint(path)
+        try:
+            tensors, meta = ckpt.read_training_checkpoint(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"cannot resume: {err}{ckpt.unreadable_hint(path)}") from None
         stored = meta["run_config"]
         differing = {k: (stored.get(k), v) for k, v in self.run_config().items() if stored.get(k) != v}
         detail = lambda keys: ", ".join(f"{k} {differing[k][0]!r} -> {differing[k][1]!r}" for k in keys)  # noqa: E731
@@ -451,12 +463,12 @@ class Trainer:
         just for this and released)."""
         from pixart.pipelines.pixart_pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
 
-        args = self.args
-        prompts = list(args.validation_prompts or [])
+        cfg = self.config
+        prompts = list(cfg.validation_prompts or [])
         if not prompts:
             logger.warning("visualize is on but there are no validation_prompts: no validation images")
             return
-        cls = PixArtSigmaPipeline if args.version == "sigma" else PixArtAlphaPipeline
+        cls = PixArtSigmaPipeline if cfg.version == "sigma" else PixArtAlphaPipeline
         loaders = {}
         if self.feature_mode:
             from pixart.models.autoencoder_kl import AutoencoderKL
@@ -469,16 +481,16 @@ class Trainer:
                            text_encoder=lambda: T5Encoder.from_pretrained(paths["text_encoder"]))
         components = dict(vae=self.vae, tokenizer=self.tokenizer, text_encoder=self.text_encoder)
         components.update(loaders)
-        self.pipeline = cls(transformer=self.model, sampler=args.sampling_method, low_memory=True,
+        self.pipeline = cls(transformer=self.model, sampler=cfg.sampling_method, low_memory=True,
                             controlnet=self.controlnet, **components)
-        if self.controlnet is not None:
+        if self.controlnet is not None:  # validation uses the first record's control image
             from pixart.train.controlnet import validation_control_image
 
-            self.validation_control = validation_control_image(self.dataset.records, args.image_dir)
-        negatives = list(args.validation_negative_prompts or [""] * len(prompts))
+            self.validation_control = validation_control_image(self.dataset.records, cfg.image_dir)
+        negatives = list(cfg.validation_negative_prompts or [""] * len(prompts))
         if len(negatives) != len(prompts):
             raise ConfigError(f"{len(negatives)} validation_negative_prompts for {len(prompts)} validation_prompts")
-        embeds = self.pipeline.encode_prompt(prompts, negatives, args.guidance_scale > 1.0,
+        embeds = self.pipeline.encode_prompt(prompts, negatives, cfg.guidance_scale > 1.0,
                                              max_sequence_length=self.model.config.model_max_length)
         self.validation_inputs = (prompts, embeds)
 
@@ -487,16 +499,16 @@ class Trainer:
         EMA), saved as <output>/samples/step-XXXXXX/NN.png."""
         if self.validation_inputs is None:
             return
-        args = self.args
+        cfg = self.config
         prompts, (embeds, mask, neg, neg_mask) = self.validation_inputs
         started = time.perf_counter()
         with self.ema.swapped_in() if self.ema is not None else nullcontext():
             out = self.pipeline(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
-                                negative_prompt_attention_mask=neg_mask, num_inference_steps=args.sampling_steps,
-                                guidance_scale=args.guidance_scale, seed=args.seed, progress=False,
+                                negative_prompt_attention_mask=neg_mask, num_inference_steps=cfg.sampling_steps,
+                                guidance_scale=cfg.guidance_scale, seed=cfg.seed, progress=False,
                                 **({"control_image": self.validation_control} if self.controlnet is not None and
                                    self.validation_control else {}))
-        folder = os.path.join(args.output_path, "samples", f"step-{self.step:06d}")
+        folder = os.path.join(cfg.output_path, "samples", f"step-{self.step:06d}")
         os.makedirs(folder, exist_ok=True)
         from PIL.PngImagePlugin import PngInfo
 
@@ -510,11 +522,11 @@ class Trainer:
     def export(self):
         """Final weights for sample.py: <output>/final/model.ckpt and ema.ckpt (full DiT, original
         names, architecture stored), or lora.safetensors and lora_ema.safetensors for LoRA."""
-        folder = os.path.join(self.args.output_path, "final")
+        folder = os.path.join(self.config.output_path, "final")
         os.makedirs(folder, exist_ok=True)
         # Strings only: numeric entries would read back as (unexpected) tensors in from_pretrained.
         meta = {"train_step": str(self.step), "base_model": str(self.paths["transformer"])}
-        names = ("lora", "lora_ema") if self.args.lora_rank else ("model", "ema")
+        names = ("lora", "lora_ema") if self.config.lora_rank else ("model", "ema")
         if self.controlnet is not None:
             names = ("controlnet", "controlnet_ema")
         self._save_weights(os.path.join(folder, names[0]), meta)
@@ -528,7 +540,7 @@ class Trainer:
             from pixart.models.controlnet import save_controlnet
 
             save_controlnet(self.controlnet, stem + ".ckpt", extra=meta)
-        elif self.args.lora_rank:
+        elif self.config.lora_rank:
             from pixart.models.lora import save_lora
 
             save_lora(self.model, stem + ".safetensors", metadata=meta)

@@ -12,6 +12,7 @@ Readers return a flat ``{name: numpy array}`` state dict, whatever the source:
 Writers (``save_ckpt``, ``save_safetensors``) write to a temporary file and rename it, so an
 interrupted save never leaves a truncated checkpoint behind.
 """
+import errno
 import glob
 import json
 import os
@@ -179,6 +180,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+def _fsync_path(path, flags):
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_torch_pickle(path):
     """Read a PyTorch zip checkpoint (.pth/.pt/.bin) safely; returns the unpickled object."""
     if not zipfile.is_zipfile(path):
@@ -339,7 +348,9 @@ def to_tensor(value, dtype=None):
 def _atomic_write(path, write, by_name=False):
     """Write via a temporary file in the same folder, then rename over ``path``.
 
-    ``write`` takes an open binary file, or the temporary path when ``by_name`` is set.
+    ``write`` takes an open binary file, or the temporary path when ``by_name`` is set. The data is
+    fsynced before the rename and the folder after it: after a power loss the name points either
+    to the old file or to the complete new one, never to an empty or partial one.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -349,12 +360,18 @@ def _atomic_write(path, write, by_name=False):
         if by_name:
             os.close(fd)
             write(tmp)
+            _fsync_path(tmp, os.O_RDONLY)
         else:
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        try:  # makes the rename itself durable
+            _fsync_path(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems without directory fsync
+                raise
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

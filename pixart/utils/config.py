@@ -76,11 +76,30 @@ def parse_args_with_config(parser, argv=None, config_flag="config", ignore_unkno
             if near:
                 logger.warning("ignoring %r in %s (did you mean %s?)", key, path, near[0])
             continue
-        near = difflib.get_close_matches(key, actions, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
+        near = closest_option(key, actions)
+        hint = f" (did you mean {near}?)" if near else ""
         raise ConfigError(f"unknown key {key!r} in {path}{hint}")
     parser.set_defaults(**ours)
     return parser.parse_args(argv)
+
+
+def closest_option(key, names):
+    """The option a mistyped ``key`` most likely meant, or None.
+
+    Candidates are difflib's close matches; the best is the one sharing the most characters with
+    the key, ties going to the option declared first (the main one: ``learning_rat`` ->
+    ``start_learning_rate``, not ``min_learning_rate``, which difflib's ratio prefers for being
+    shorter).
+    """
+    names = list(names)
+    near = difflib.get_close_matches(key, names, n=5)
+    if not near:
+        return None
+
+    def shared(name):
+        return sum(block.size for block in difflib.SequenceMatcher(None, key, name).get_matching_blocks())
+
+    return max(near, key=lambda name: (shared(name), -names.index(name)))
 
 
 def _check_value(action, key, value, path):

@@ -432,7 +432,7 @@ class PixArtMS(nn.Cell):
         """Cast every parameter to ``dtype`` (norms and softmax still compute in fp32)."""
         for _, param in self.parameters_and_names():
             if param.dtype != dtype:
-                param.set_data(param.astype(dtype))
+                param.set_dtype(dtype)  # set_data(param.astype(dtype)) would keep the fp32 dtype
         return self
 
     @property

@@ -159,7 +159,13 @@ class PipelineConfig:
             from pixart.models.lora import load_lora
 
             lora = load_lora(self.lora)
-        common = dict(dtype=ms_dtype(self.dtype), attention_backend=self.attention_backend,
+        import mindspore as ms
+
+        dtype = ms_dtype(self.dtype)
+        # CPU MindSpore has no bf16 kernels: bf16 there means fp32 activations and bf16 GEMMs (pixart.ops)
+        use_bf16_gemm = self.dtype == "bf16" and ms.get_context("device_target") == "CPU"
+        common = dict(dtype=ms.float32 if use_bf16_gemm else dtype, use_bf16_gemm=use_bf16_gemm,
+                      attention_backend=self.attention_backend,
                       sampler=self.sampling_method, mode=self.mode, sampler_kwargs=self.default_sampler_kwargs(),
                       kv_compress_config=self.kv_compress_config, lora=lora, lora_scale=self.lora_scale,
                       controlnet=self.controlnet, **kwargs)

@@ -137,12 +137,13 @@ class PixArtSigmaPipeline:
     def from_components(cls, checkpoint, vae_root, text_encoder_root, tokenizer_root, image_size=None,
                         pe_interpolation=None, dtype=ms.float32, text_encoder_dtype=ms.float32, vae_dtype=ms.float32,
                         attention_backend="auto", kv_compress_config=None, vae_tile_size=1024, lora=None,
-                        lora_scale=1.0, **kwargs):
+                        lora_scale=1.0, use_bf16_gemm=False, **kwargs):
         """Build from the seed layout: a DiT checkpoint (.ckpt/.pth/.safetensors or transformer/
         folder) plus vae/, text_encoder/ and tokenizer/ folders. ``image_size`` (256...4096) sets the
         base resolution (and the Σ pe_interpolation for it; ``pe_interpolation`` overrides, e.g. 1.0
         for PixArt-α 256/512). ``lora`` (a path or ``load_lora``'s result) is merged into the DiT
-        each time it loads, with ``lora_scale``."""
+        each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the DiT's and T5's linear
+        layers run as bf16 GEMMs with bf16 weights (``pixart.ops.bf16_matmul``; fp32 where unavailable)."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -163,6 +164,9 @@ class PixArtSigmaPipeline:
             if lora is not None:
                 from pixart.models.lora import merge_lora
                 merge_lora(model, lora, strength=lora_scale)
+            if use_bf16_gemm:
+                from pixart.ops.bf16_matmul import use_bf16_gemm as to_bf16_gemm
+                to_bf16_gemm(model)
             model.set_train(False)
             return model
 
@@ -170,7 +174,7 @@ class PixArtSigmaPipeline:
                    vae=lambda: _tiled_vae(AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype), vae_tile_size),
                    tokenizer=lambda: PromptTokenizer.from_pretrained(tokenizer_root),
                    text_encoder=lambda: T5Encoder.from_pretrained(text_encoder_root, dtype=text_encoder_dtype,
-                                                                 backend=attention_backend),
+                                                                 backend=attention_backend, use_bf16_gemm=use_bf16_gemm),
                    **kwargs)
 
     # ------------------------------------------------------------------ text

@@ -81,6 +81,7 @@ class TrainConfig:
     validation_negative_prompts: Optional[List[str]] = None
     sampling_method: str = "dpm"
     sampling_steps: int = 20
+    timesteps: Optional[List[int]] = None
     guidance_scale: float = 4.5
     ddim_eta: float = 0.0
     # runtime

@@ -505,7 +505,8 @@ class Trainer:
         with self.ema.swapped_in() if self.ema is not None else nullcontext():
             out = self.pipeline(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
                                 negative_prompt_attention_mask=neg_mask, num_inference_steps=cfg.sampling_steps,
-                                guidance_scale=cfg.guidance_scale, seed=cfg.seed, progress=False,
+                                timesteps=cfg.timesteps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
+                                progress=False,
                                 **({"control_image": self.validation_control} if self.controlnet is not None and
                                    self.validation_control else {}))
         folder = os.path.join(cfg.output_path, "samples", f"step-{self.step:06d}")

@@ -1,0 +1,235 @@
+"""bf16 GEMM and fast bf16 -> fp32 upcast on CPU, as MindSpore ``ops.Custom`` AOT kernels.
+
+MindSpore 2.7's CPU backend has no bf16 MatMul, and its bf16 -> fp32 Cast is slow (about 5× an
+fp16 Cast). ``bf16_matmul.cc`` fills both gaps:
+
+    bf16_matmul(x (..., K) fp32|bf16, w (N, K) bf16) -> (..., N) fp32   x rounded to bf16, fp32 sums
+    bf16_to_fp32(w bf16) -> fp32                                         exact, a 16-bit shift
+
+The GEMM is oneDNN's ``gemm_bf16bf16f32`` from the ``libdnnl.so.2`` that ships inside MindSpore,
+so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
+MindSpore / compiler version into ``$PIXART_CACHE_DIR`` (default ``~/.cache/pixart``) and checked
+by a self-test; without a compiler, libdnnl, or (for the GEMM) a CPU with AVX512-BF16 or AMX-BF16,
+the callers warn once and keep the fp32 MindSpore path.
+
+``use_bf16_gemm(model)`` switches a model's linear layers (``nn.Dense`` and the T5 ``Linear``)
+to the bf16 GEMM, storing their weights in bf16 (half the memory).
+"""
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import mindspore as ms
+from mindspore import nn, ops
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bf16_matmul.cc")
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class KernelUnavailable(RuntimeError):
+    """Why the custom kernels cannot be used here (a one-line reason)."""
+
+
+def cache_dir():
+    """Where compiled kernels live: $PIXART_CACHE_DIR, else $XDG_CACHE_HOME/pixart, else ~/.cache/pixart."""
+    if os.environ.get("PIXART_CACHE_DIR"):
+        return os.environ["PIXART_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pixart")
+
+
+def _mindspore_lib_dir():
+    return os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
+
+
+def _compiler():
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise KernelUnavailable(f"no C++ compiler ({cxx!r} not found; set $CXX)")
+    return path
+
+
+def _compile(path, cxx, lib_dir):
+    """Build the shared library at ``path`` atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", SOURCE, "-o", tmp, f"-L{lib_dir}", "-l:libdnnl.so.2",
+           f"-Wl,-rpath,{lib_dir}", "-lpthread"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["?"])[0]
+            raise KernelUnavailable(f"compiling {os.path.basename(SOURCE)} failed: {first}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_library():
+    """Path of the compiled kernel library (built on first use); raises KernelUnavailable."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelUnavailable(f"only built for Linux x86_64 (this is {platform.system()} {platform.machine()})")
+    if ms.get_context("device_target") != "CPU":
+        raise KernelUnavailable("the kernels are for MindSpore's CPU backend")
+    lib_dir = _mindspore_lib_dir()
+    if not os.path.isfile(os.path.join(lib_dir, "libdnnl.so.2")):
+        raise KernelUnavailable(f"MindSpore's oneDNN (libdnnl.so.2) is not in {lib_dir}")
+    cxx = _compiler()
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(b"\0".join([source, ms.__version__.encode(), cxx.encode(), *(v.encode() for v in version)]))
+    path = os.path.join(cache_dir(), "ops", f"bf16_matmul-{key.hexdigest()[:16]}.so")
+    if not os.path.isfile(path):
+        _compile(path, cxx, lib_dir)
+    allowed = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
+    if allowed and not os.path.realpath(path).startswith(os.path.realpath(allowed) + os.sep):
+        raise KernelUnavailable(f"MS_CUSTOM_AOT_WHITE_LIST={allowed} does not contain {path} "
+                                "(add the cache dir, or set PIXART_CACHE_DIR inside it)")
+    return path
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_gemm_library():
+    """The kernel library if its bf16 GEMM runs fast and exactly here; raises KernelUnavailable."""
+    path = kernel_library()
+    if not _cpu_flags() & set(_CPU_BF16_FLAGS):
+        raise KernelUnavailable("this CPU has neither AVX512-BF16 nor AMX-BF16 (oneDNN would emulate bf16, "
+                                "slower than fp32)")
+    status = ctypes.CDLL(path).pixart_bf16_selftest()
+    if status != 0:
+        raise KernelUnavailable(f"the oneDNN bf16 GEMM self-test failed (status {status})")
+    return path
+
+
+def _available(check, what):
+    try:
+        check()
+        return True
+    except KernelUnavailable as err:
+        _warn_once(f"{what} unavailable ({err}); using MindSpore's fp32 path")
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+    logger.warning(message)
+
+
+def bf16_gemm_available():
+    """True when ``bf16_matmul`` can run here; else warns once (one line) and returns False."""
+    return _available(bf16_gemm_library, "bf16 GEMM")
+
+
+def fast_upcast_available():
+    """True when ``bf16_to_fp32`` can run here; else warns once (one line) and returns False."""
+    return _available(kernel_library, "fast bf16 upcast")
+
+
+def _matmul_shape(x_shape, w_shape):
+    return list(x_shape[:-1]) + [w_shape[0]]
+
+
+def bf16_matmul_op():
+    """ops.Custom: (x (..., K) fp32|bf16, w (N, K) bf16) -> x·wᵀ (..., N) fp32, bf16 products, fp32 sums."""
+    return ops.Custom(f"{bf16_gemm_library()}:Bf16MatMul", out_shape=_matmul_shape,
+                      out_dtype=lambda x, w: ms.float32, func_type="aot")
+
+
+def bf16_to_fp32_op():
+    """ops.Custom: w bf16 (any shape) -> the same values in fp32."""
+    return ops.Custom(f"{kernel_library()}:Bf16ToF32", out_shape=lambda w: w, out_dtype=lambda w: ms.float32,
+                      func_type="aot")
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _to_bf16(param):
+    if param.dtype != ms.bfloat16:
+        param.set_dtype(ms.bfloat16)  # in place, round to nearest even (set_data would keep the dtype)
+
+
+class Bf16Linear(nn.Cell):
+    """y = x Wᵀ (+ b) with W (out, in) stored in bf16, computed by the bf16 GEMM; fp32 output.
+
+    Holds the layer's own Parameter objects (same names), so checkpoints and LoRA still see them.
+    The bias stays in its dtype (fp32) and is added after the GEMM.
+    """
+
+    def __init__(self, weight, bias=None, matmul=None):
+        super().__init__()
+        _to_bf16(weight)
+        self.weight = weight
+        self.bias = bias
+        self.has_bias = bias is not None
+        self.matmul = matmul or bf16_matmul_op()
+
+    def construct(self, x):
+        """x (..., in) fp32 or bf16 -> (..., out) in x's dtype."""
+        out = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.has_bias:
+            out = out + self.bias.astype(out.dtype)
+        out = out.reshape(x.shape[:-1] + (self.weight.shape[0],))
+        return out if x.dtype == ms.float32 else out.astype(x.dtype)
+
+
+def _replaceable(cell):
+    """(weight, bias) of a linear layer that Bf16Linear can replace, else None."""
+    if isinstance(cell, nn.Dense):
+        if cell.activation_flag:  # nn.Dense(..., activation=...): not used by the models here
+            return None
+        return cell.weight, (cell.bias if cell.has_bias else None)
+    if getattr(cell, "bf16_gemm_compatible", False):  # pixart.models.t5.Linear: weight only
+        return cell.weight, None
+    return None
+
+
+def _set_child(parent, name, child):
+    if isinstance(parent, (nn.SequentialCell, nn.CellList)):
+        parent[int(name)] = child
+    else:
+        setattr(parent, name, child)
+
+
+def use_bf16_gemm(model):
+    """Swap every linear layer of ``model`` for a bf16-GEMM ``Bf16Linear``, in place.
+
+    Returns the number of layers swapped; 0 (after one warning line, model unchanged) when the
+    GEMM is unavailable here. Weights become bf16; everything else (norms, attention, convs,
+    biases) keeps its dtype. Call it after the weights are loaded.
+    """
+    if not bf16_gemm_available():
+        return 0
+    matmul = bf16_matmul_op()
+    swapped = 0
+    for parent in [cell for _, cell in model.cells_and_names()]:
+        for name, child in list(parent.name_cells().items()):
+            parts = _replaceable(child)
+            if parts is not None:
+                _set_child(parent, name, Bf16Linear(*parts, matmul=matmul))
+                swapped += 1
+    return swapped

@@ -71,6 +71,8 @@ class Request:
     init_image: str = None   # img2img / inpainting (pixart.pipelines.img2img); None: text-to-image
     mask_image: str = None
     strength: float = None
+    control_image: object = None  # with --controlnet: (H, W, 3) uint8; the image then takes its size
+    control_scale: float = 1.0
 
 
 def size_label(width, height):
@@ -113,9 +115,17 @@ def parse_request(form, allowed_sizes, samplers, max_steps):
     if init_image:  # the pipeline's own checks (strength in [0, 1], the mask's size, a readable image)
         from pixart.pipelines.img2img import check_image_inputs
         strength = check_image_inputs(init_image, mask_image or None, strength).strength
+    control = {}
+    if "control_image" in form:  # the demo runs a ControlNet (--controlnet)
+        from pixart.models.controlnet import check_conditioning_scale
+
+        if form["control_image"] is None:
+            raise ConfigError("Upload a control image (e.g. an edge map): this demo runs a ControlNet.")
+        control = dict(control_image=form["control_image"],
+                       control_scale=check_conditioning_scale(form["control_scale"]))
     return Request(prompt, (form["negative_prompt"] or "").strip(), width, height, form["sampler"], int(steps),
                    float(guidance), int(seed), init_image or None, (mask_image or None) if init_image else None,
-                   strength if init_image else None)
+                   strength if init_image else None, **control)
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -164,10 +174,13 @@ class Generator:
         item = next(self.pipe.generate(
             [req.prompt], seed=req.seed, negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
             num_inference_steps=req.steps, sampler=req.sampler,
-            sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None, height=req.height,
-            width=req.width, use_resolution_binning=self.args.use_resolution_binning, progress=False,
+            sampler_kwargs={"eta": self.args.ddim_eta} if req.sampler == "ddim" else None,
+            height=req.height if req.control_image is None else None,  # a control image sets the size
+            width=req.width if req.control_image is None else None,
+            use_resolution_binning=self.args.use_resolution_binning, progress=False,
             callback=on_step, image=req.init_image, strength=req.strength if req.init_image else None,
-            mask_image=req.mask_image))
+            mask_image=req.mask_image, control_image=req.control_image,
+            controlnet_conditioning_scale=req.control_scale))
         image, fields = item.image, item.fields
         return image, fields
 
@@ -199,6 +212,11 @@ def offline_theme():
 
 FORM = ["prompt", "negative_prompt", "size", "width", "height", "sampler", "steps", "guidance_scale", "seed",
         "randomize_seed", "init_image", "mask_image", "strength"]  # the order of the page's inputs, as the generate function receives them
+CONTROL_FORM = ["control_image", "control_scale"]  # after FORM, when the demo runs a ControlNet
+
+
+def form_names(gen):
+    return FORM + (CONTROL_FORM if gen.pipe.controlnet is not None else [])
 
 
 def build_ui(gen):
@@ -235,6 +253,11 @@ def build_ui(gen):
                     mask_box = gr.Image(label="Mask, the init image's size (white = repaint)", type="filepath",
                                         sources=["upload"], elem_id="mask_image")
                     strength_box = gr.Slider(0.0, 1.0, step=0.05, value=0.8, label="Strength", elem_id="strength")
+                if gen.pipe.controlnet is not None:
+                    control_box = gr.Image(label="Control image (e.g. an edge map; the picture takes its size)",
+                                           type="numpy", image_mode="RGB", elem_id="control_image")
+                    control_scale_box = gr.Slider(0.0, 1.0, step=0.05, value=args.controlnet_conditioning_scale,
+                                                  label="Control strength", elem_id="control_scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 image_box = gr.Image(label="Image", type="filepath", format="png", interactive=False,
@@ -243,6 +266,8 @@ def build_ui(gen):
 
         inputs = [prompt, negative, size_box, width_box, height_box, sampler_box, steps_box, guidance_box,
                   seed_box, randomize_box, init_box, mask_box, strength_box]
+        if gen.pipe.controlnet is not None:
+            inputs += [control_box, control_scale_box]
 
         def check(*values):
             parse_or_show(gen, values)
@@ -283,7 +308,8 @@ def parse_or_show(gen, values):
     import gradio as gr
 
     try:
-        return parse_request(dict(zip(FORM, values)), gen.allowed_sizes(), gen.samplers, gen.args.max_steps)
+        return parse_request(dict(zip(form_names(gen), values)), gen.allowed_sizes(), gen.samplers,
+                             gen.args.max_steps)
     except PixArtError as err:
         raise gr.Error(str(err), print_exception=False) from None
 
@@ -310,6 +336,10 @@ def main(argv=None):
         raise ConfigError("--max_steps must be from 1 to 1000 and --queue_size at least 1")
     if args.sampling_steps is not None and args.sampling_steps > args.max_steps:
         raise ConfigError(f"--sampling_steps {args.sampling_steps} is above --max_steps {args.max_steps}")
+    if args.controlnet:  # the control image is uploaded on the page
+        from pixart.models.controlnet import check_conditioning_scale
+
+        check_conditioning_scale(args.controlnet_conditioning_scale)
     config.check_weights()
     set_device(config.device_target)
     gen = Generator(args, config)

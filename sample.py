@@ -49,6 +49,10 @@ def main(argv=None):
 
         check_image_inputs(args.init_image, args.mask_image, args.strength)
     prompts = read_prompts(args)
+    if args.control_image or args.controlnet:
+        from pixart.models.controlnet import check_control_options
+
+        check_control_options(args.controlnet, args.control_image, args.controlnet_conditioning_scale)
     config.check_weights()
     target = set_device(config.device_target)
     pipe = config.build()
@@ -60,7 +64,8 @@ def main(argv=None):
                               config.guidance_scale, config.sampling_steps, height=args.image_height,
                               width=args.image_width, use_resolution_binning=args.use_resolution_binning,
                               timesteps=config.timesteps, image=args.init_image, strength=args.strength,
-                              mask_image=args.mask_image):
+                              mask_image=args.mask_image, control_image=args.control_image,
+                              controlnet_conditioning_scale=args.controlnet_conditioning_scale):
         path = save_png(item.image, os.path.join(args.output_path, f"{item.index:05d}.png"), item.fields)
         saved.append(item.image)
         logger.info("saved %s (%s)", path, item.fields["size"])

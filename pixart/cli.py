@@ -99,6 +99,19 @@ def add_lora_options(p):
     return g
 
 
+def add_controlnet_options(p):
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--controlnet", default=None,
+                   help="ControlNet weights: the official .pth, a diffusers PixArtControlNetAdapterModel folder, or "
+                        "train.py --controlnet's controlnet.ckpt")
+    g.add_argument("--control_image", default=None,
+                   help="the control image (e.g. an edge map from tools/make_control_images.py); its size is the "
+                        "default image size")
+    g.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+                   help="strength of the control in [0, 1] (1 = as trained)")
+    return g
+
+
 def add_device_option(g):
     g.add_argument("--device_target", choices=DEVICE_TARGETS, default=None,
                    help="default: Ascend if present, else GPU, else CPU")
@@ -146,6 +159,7 @@ def sample_parser():
     add_weights_options(p)
     add_architecture_options(p)
     add_lora_options(p)
+    add_controlnet_options(p)
     add_runtime_options(p)
     return p
 
@@ -178,6 +192,10 @@ def train_parser():
     g.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
     g.add_argument("--lora_target_modules", nargs="+", default=None,
                    help="Dense layer name suffixes (default: the attention projections)")
+    g = p.add_argument_group("ControlNet (train only a ControlNet branch; records need a `control` image)")
+    g.add_argument("--controlnet", nargs="?", const="init", default=None,
+                   help="no value: a new branch copied from the DiT's first blocks; PATH: continue from those weights")
+    g.add_argument("--controlnet_layers", type=int, default=None, help="copied blocks of a new branch (default 13)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optim", choices=["came", "adamw"], default="came")
     g.add_argument("--start_learning_rate", type=float, default=2e-5)

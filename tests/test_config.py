@@ -89,7 +89,8 @@ def test_shared_options_are_one_declaration():
     actions = {name: {a.dest: a for a in p._actions} for name, p in parsers.items()}
     # Same name, deliberately different meaning or default (documented in each --help).
     differ = {"batch_size", "dtype", "output_path", "sampling_steps", "seed", "config", "help",
-              "max_steps"}  # train: optimizer steps; demo: the largest step count a request may ask
+              "max_steps",  # train: optimizer steps; demo: the largest step count a request may ask
+              "controlnet"}  # train: optional value (alone: a new ControlNet); sample/demo: the weights to load
     shared = 0
     for dest in set().union(*actions.values()) - differ:
         owners = [a[dest] for a in actions.values() if dest in a]

@@ -161,7 +161,7 @@ def _record_problem(record, image_dir, check_image=False):
 def _clean_record(record):
     """A validated record with normalised types; ratio is recomputed exactly as height / width."""
     height, width = int(record["height"]), int(record["width"])
-    return {
+    clean = {
         "path": record["path"],
         "prompt": record["prompt"],
         "sharegpt4v": record.get("sharegpt4v") or "",
@@ -169,6 +169,9 @@ def _clean_record(record):
         "width": width,
         "ratio": height / width,
     }
+    if "control" in record:  # a ControlNet control image (train.py --controlnet checks it)
+        clean["control"] = record["control"]
+    return clean
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,9 +160,15 @@ def extract_features(records, image_dir, feature_dir, bins, vae_root, text_encod
         del encoder
         gc.collect()
 
+    # ControlNet training sets (every record has a `control` image): the hint latents too.
+    control_files = {}
+    if records and all("control" in r for r in records):
+        from pixart.train.controlnet import extract_control_latents
+
+        control_files = extract_control_latents(records, image_dir, feature_dir, bins, vae_root, overwrite)
     done = [i for i in range(len(records)) if i not in unreadable]
-    index_records = [{**records[i], "latent_file": latent_file(records[i]), "text_file": text_file(records[i])}
-                     for i in done]
+    index_records = [{**records[i], "latent_file": latent_file(records[i]), "text_file": text_file(records[i]),
+                      **({"control_file": control_files[i]} if i in control_files else {})} for i in done]
     encoded = num_images - len({latent_file(records[i]) for i in unreadable})
     summary = {"records": len(records), "with_features": len(done), "unreadable": len(unreadable),
                "encoded_images": encoded, "encoded_captions": len(captions)}

@@ -480,6 +480,47 @@ class PixArtMS(nn.Cell):
         x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c).transpose(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
+    def embed_patches(self, x, grid_h, grid_w):
+        """(N, C, H, W) latents -> (N, T, D) patch tokens plus the position embedding of their grid
+        (also how a ControlNet embeds its hint latents)."""
+        return self.x_embedder(x.astype(self.dtype)) + self.pos_embed(grid_h, grid_w).astype(self.dtype)
+
+    def embed_inputs(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None):
+        """What the blocks take, from ``construct``'s inputs.
+
+        Returns (tokens (N, T, D), captions (N, L, D), text_bias (N, heads, T, L) or None,
+        t (N, D) timestep embedding, t0 (N, 6D) adaLN-single modulation, grid_h, grid_w).
+        """
+        dtype = self.dtype
+        batch = x.shape[0]
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if self.micro_condition:
+            resolution = tile_rows(resolution, batch, "resolution")
+            aspect_ratio = tile_rows(aspect_ratio, batch, "aspect_ratio")
+        if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
+            raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
+        x = self.embed_patches(x, grid_h, grid_w)
+        t = self.t_embedder(with_spare_row(timestep), dtype)
+        if self.micro_condition:
+            t = t + ops.concat([self.csize_embedder(with_spare_row(resolution), dtype),
+                                self.ar_embedder(with_spare_row(aspect_ratio), dtype)], axis=1)
+        t0, t = self.t_block(t)[:batch], t[:batch]
+        if y.ndim == 4:
+            y = y.squeeze(1)
+        y = self.y_embedder(y.astype(dtype), drop_ids)
+        if mask is None:
+            text_bias = None
+        else:  # expanded once here so the 28 blocks add it shape-for-shape (see expand_tokens)
+            bias = mask_to_bias(tile_rows(mask.reshape(mask.shape[0], -1), batch, "mask"))
+            heads = self.blocks[0].cross_attn.num_heads
+            text_bias = ops.broadcast_to(bias, (bias.shape[0], heads, x.shape[1], bias.shape[-1]))
+        return x, y, text_bias, t, t0, grid_h, grid_w
+
+    def decode_tokens(self, x, t, grid_h, grid_w):
+        """Final layer and unpatchify: (N, T, D) tokens -> (N, C_out, H, W) fp32."""
+        x = self.final_layer(x, t)
+        return self.unpatchify(x, grid_h, grid_w).astype(ms.float32)
+
     def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None):
         """Predict noise (and variance).
 
@@ -497,33 +538,11 @@ class PixArtMS(nn.Cell):
         Returns:
             (N, C_out, H, W), C_out = 2C with learned sigma.
         """
-        dtype = self.dtype
-        batch = x.shape[0]
-        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        if self.micro_condition:
-            resolution = tile_rows(resolution, batch, "resolution")
-            aspect_ratio = tile_rows(aspect_ratio, batch, "aspect_ratio")
-        if self.fixed_grid and (grid_h != self.base_size or grid_w != self.base_size):
-            raise ValueError("PixArt (fixed grid) only takes latents of its input_size; use PixArtMS")
-        x = self.x_embedder(x.astype(dtype)) + self.pos_embed(grid_h, grid_w).astype(dtype)
-        t = self.t_embedder(with_spare_row(timestep), dtype)
-        if self.micro_condition:
-            t = t + ops.concat([self.csize_embedder(with_spare_row(resolution), dtype),
-                                self.ar_embedder(with_spare_row(aspect_ratio), dtype)], axis=1)
-        t0, t = self.t_block(t)[:batch], t[:batch]
-        if y.ndim == 4:
-            y = y.squeeze(1)
-        y = self.y_embedder(y.astype(dtype), drop_ids)
-        if mask is None:
-            text_bias = None
-        else:  # expanded once here so the 28 blocks add it shape-for-shape (see expand_tokens)
-            bias = mask_to_bias(tile_rows(mask.reshape(mask.shape[0], -1), batch, "mask"))
-            heads = self.blocks[0].cross_attn.num_heads
-            text_bias = ops.broadcast_to(bias, (bias.shape[0], heads, x.shape[1], bias.shape[-1]))
+        x, y, text_bias, t, t0, grid_h, grid_w = self.embed_inputs(x, timestep, y, mask, resolution, aspect_ratio,
+                                                                  drop_ids)
         for block in self.blocks:
             x = block(x, y, text_bias, t0, grid_h, grid_w)
-        x = self.final_layer(x, t)
-        return self.unpatchify(x, grid_h, grid_w).astype(ms.float32)
+        return self.decode_tokens(x, t, grid_h, grid_w)
 
 
 class PixArt(PixArtMS):

@@ -221,6 +221,8 @@ def load_pixart_state(path, use_ema=False):
         stored = read_safetensors_metadata(path).get("pixart_config")  # --to original files
     state = unwrap_state_dict(raw, use_ema=use_ema, source=path)
     state = {k: v for k, v in state.items() if isinstance(v, np.ndarray) or hasattr(v, "shape")}
+    if any(k.startswith("base_model.") for k in state):  # an official ControlNet file: its frozen base DiT
+        state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
     config = {}
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     config_json = os.path.join(folder, "config.json")

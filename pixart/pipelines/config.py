@@ -49,6 +49,7 @@ class PipelineConfig:
     attention_backend: str = "auto"
     lora: Optional[str] = None
     lora_scale: float = 1.0
+    controlnet: Optional[str] = None
     dtype: str = "fp32"
     mode: str = "graph"
     compile_cache: Optional[str] = DEFAULT_COMPILE_CACHE
@@ -97,6 +98,9 @@ class PipelineConfig:
         """Fail fast, before anything loads, when a weights path is missing; a missing ``.ckpt``
         with the original ``.pth`` beside it switches to the ``.pth``. ``components=False`` skips
         the VAE / T5 / tokenizer folders (training from cached features)."""
+        if self.controlnet and not os.path.exists(self.controlnet):
+            raise CheckpointError(f"{self.controlnet} not found (--controlnet): ControlNet weights, e.g. the "
+                                  "official PixArt-XL-2-1024-ControlNet.pth")
         if self.pretrained_path:
             from pixart.utils.hub import is_repo_id, resolve_pretrained
 
@@ -169,7 +173,8 @@ class PipelineConfig:
         common = dict(dtype=ms.float32 if use_bf16_gemm else dtype, use_bf16_gemm=use_bf16_gemm,
                       attention_backend=self.attention_backend,
                       sampler=self.sampling_method, mode=self.mode, sampler_kwargs=self.default_sampler_kwargs(),
-                      kv_compress_config=self.kv_compress_config, lora=lora, lora_scale=self.lora_scale, **kwargs)
+                      kv_compress_config=self.kv_compress_config, lora=lora, lora_scale=self.lora_scale,
+                      controlnet=self.controlnet, **kwargs)
         if self.pretrained_path:
             pipe = cls.from_pretrained(self.pretrained_path, **common)
         else:

@@ -45,13 +45,15 @@ class PixArtSigmaPipeline:
             encoder is loaded again.
         mode: "graph" compiles the denoiser (the 20-100 step loop) with MindSpore's graph mode;
             "pynative" runs it eagerly. T5 and the VAE run once per image and stay eager.
+        controlnet: a ControlNet (``pixart.models.controlnet``: a path any of its layouts, or a
+            ``PixArtControlNet``), used when a call passes ``control_image``.
     """
 
     default_max_length = TEXT_TOKENS["sigma"]
     version = "sigma"
 
     def __init__(self, transformer, vae, tokenizer, text_encoder=None, sampler="dpm", sampler_kwargs=None,
-                 low_memory=True, schedule=None, mode="pynative"):
+                 low_memory=True, schedule=None, mode="pynative", controlnet=None):
         if mode not in ("graph", "pynative"):
             raise ConfigError(f"mode must be graph or pynative, got {mode!r}")
         self.mode = mode
@@ -62,6 +64,8 @@ class PixArtSigmaPipeline:
         self.sampler_kwargs = dict(sampler_kwargs or {})
         self.schedule = dict(schedule or {})  # num_train_timesteps / beta_* from scheduler_config.json
         self.low_memory = low_memory
+        self.controlnet = controlnet
+        self._control_denoiser = None  # (base DiT, ControlPixArt), rebuilt when the DiT reloads
         self.name = "pixart"  # the model name PNG metadata records (PipelineConfig.build sets it)
         # Encode (and cross-attend to) only up to the longest real prompt, bucketed; exact, since
         # padded tokens are masked in T5 and in the DiT (see encode_prompts).
@@ -275,7 +279,7 @@ class PixArtSigmaPipeline:
                  prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None,
                  use_resolution_binning=True, max_sequence_length=None, output_type="pil", callback=None,
                  sampler=None, sampler_kwargs=None, clean_caption=True, progress=True, timesteps=None,
-                 image=None, strength=None, mask_image=None):
+                 image=None, strength=None, mask_image=None, control_image=None, controlnet_conditioning_scale=1.0):
         """Generate images.
 
         Image k of the batch starts from ``initial_latents(seed + k)`` unless ``latents`` are
@@ -290,9 +294,17 @@ class PixArtSigmaPipeline:
         to the image's; the added noise of image k comes from ``default_rng([seed + k, 2])``, or is
         ``latents`` when given.
 
+        ``control_image`` (with a ``controlnet``): one image for all, or one per image; a PIL
+        image, a file path, or numpy (H, W, 3) in [0, 255] (uint8) or [0, 1] (float). It must have
+        the requested size (``height`` × ``width``, which default to its size); when resolution
+        binning generates at another bin it is resized to the bin (Lanczos).
+        ``controlnet_conditioning_scale`` in [0, 1] scales the ControlNet's residuals.
+
         Returns ``PipelineOutput(images)``: PIL images, (H, W, 3) float arrays in [0, 1] for
         ``output_type="np"``, or the (N, C, H/8, W/8) latents for ``"latent"``.
         """
+        if control_image is not None:
+            height, width = self._check_control(control_image, controlnet_conditioning_scale, height, width)
         sampler_name = sampler or self.sampler_name
         steps = DEFAULT_STEPS[sampler_name] if num_inference_steps is None else num_inference_steps
         if steps < 1 and timesteps is None:
@@ -351,20 +363,30 @@ class PixArtSigmaPipeline:
         resolution, aspect = self.micro_conditions(height, width, model_batch)
         timesteps = [ms.Tensor(np.full((model_batch,), t, np.int32)) for t in run]
         channels = x.shape[1]
+        control = None
+        if control_image is not None:  # hint latents, the same for the guided and unguided halves
+            model, control = self._control_inputs(control_image, height, width, batch, do_cfg)
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
         if self.mode == "graph" and self.compile_cache:
             from pixart.utils.compile_cache import use_graph_cache
 
+            base = self.transformer  # model is the ControlPixArt around it with a ControlNet
             use_graph_cache(self.compile_cache, {
-                "model": model.config.to_dict(), "class": type(model).__name__, "dtype": str(model.dtype),
+                "model": base.config.to_dict(), "class": type(model).__name__, "dtype": str(base.dtype),
                 "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
-                "backend": getattr(model.blocks[0].attn, "backend", None)})
+                "backend": getattr(base.blocks[0].attn, "backend", None),
+                "controlnet": getattr(model, "num_layers", None)})
         try:
             for i, t in enumerate(tqdm(run, disable=not progress, desc="sampling")):
                 model_in = ops.concat([x, x], axis=0) if do_cfg else x
-                out = model(model_in, timesteps[i], y, y_mask, resolution, aspect) if resolution is not None \
-                    else model(model_in, timesteps[i], y, y_mask)
+                if control is not None:
+                    out = model(model_in, timesteps[i], y, y_mask, resolution, aspect, None, control,
+                                controlnet_conditioning_scale)
+                elif resolution is not None:
+                    out = model(model_in, timesteps[i], y, y_mask, resolution, aspect)
+                else:
+                    out = model(model_in, timesteps[i], y, y_mask)
                 if do_cfg:
                     uncond, cond = out[:batch], out[batch:]
                     eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
@@ -393,14 +415,63 @@ class PixArtSigmaPipeline:
         return PipelineOutput(images=[Image.fromarray((im * 255).round().astype(np.uint8)) for im in image])
 
 
+    # ------------------------------------------------------------------ ControlNet
+
+    def _check_control(self, control_image, scale, height, width):
+        """Fail fast on bad ControlNet input; -> the (height, width) request (default: the image's)."""
+        from pixart.models.controlnet import check_conditioning_scale, control_image_size
+
+        if self.controlnet is None:
+            raise ConfigError("control_image needs a ControlNet: build the pipeline with controlnet= "
+                              "(sample.py --controlnet PATH)")
+        check_conditioning_scale(scale)
+        images = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+        sizes = {control_image_size(image) for image in images}
+        if len(sizes) > 1:
+            raise ConfigError(f"the control images have different sizes {sorted(sizes)}")
+        size = sizes.pop()
+        requested = (height or size[0], width or size[1])
+        if requested != size:
+            raise ConfigError(f"the control image is {size[1]}x{size[0]} (width x height) but the requested size is "
+                              f"{requested[1]}x{requested[0]}: give a control image of that size, or leave "
+                              "height/width unset to generate at the control image's size")
+        return requested
+
+    def control_denoiser(self):
+        """The DiT with the ControlNet branch (``ControlPixArt``), loaded with the DiT."""
+        from pixart.models.controlnet import ControlPixArt, PixArtControlNet, load_controlnet
+
+        base = self.transformer
+        if self._control_denoiser is None or self._control_denoiser[0] is not base:
+            branch = self.controlnet
+            if not isinstance(branch, PixArtControlNet):
+                branch = load_controlnet(branch, base)
+            branch.set_train(False)
+            self._control_denoiser = (base, ControlPixArt(base, branch))
+        return self._control_denoiser[1]
+
+    def _control_inputs(self, control_image, height, width, batch, do_cfg):
+        """-> (denoiser, hint latents (B or 2B, C, H/8, W/8)) for the generation size."""
+        from pixart.models.controlnet import encode_control_images, prepare_control_images
+
+        images = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+        if len(images) not in (1, batch):
+            raise ConfigError(f"give one control image or one per image ({batch}), got {len(images)}")
+        denoiser = self.control_denoiser()
+        latents = encode_control_images(self.vae, prepare_control_images(images, height, width))
+        if latents.shape[0] != batch:
+            latents = ops.tile(latents, (batch, 1, 1, 1))
+        return denoiser, ops.concat([latents, latents], axis=0) if do_cfg else latents
+
     def generate(self, prompts, num_images=1, batch_size=1, seed=42, negative_prompt="", guidance_scale=4.5,
                  num_inference_steps=None, sampler=None, sampler_kwargs=None, height=None, width=None,
                  use_resolution_binning=True, progress=True, callback=None, timesteps=None, image=None,
-                 strength=None, mask_image=None):
+                 strength=None, mask_image=None, control_image=None, controlnet_conditioning_scale=1.0):
         """Yield a ``GeneratedImage`` for each of ``num_images`` images of every prompt, in order.
 
-        ``timesteps``, ``image``, ``strength`` and ``mask_image`` are ``__call__``'s (custom
-        timesteps, img2img / inpainting from one init image).
+        ``timesteps``, ``image``, ``strength``, ``mask_image``, ``control_image`` and
+        ``controlnet_conditioning_scale`` are ``__call__``'s (custom timesteps, img2img / inpainting
+        from one init image, ControlNet).
 
         All prompts go through T5 first (with ``low_memory`` it is then released, before the DiT
         loads); the images are then denoised ``batch_size`` at a time. Image k (counting over all
@@ -426,11 +497,14 @@ class PixArtSigmaPipeline:
                        num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                        use_resolution_binning=use_resolution_binning, sampler=sampler_name,
                        sampler_kwargs=sampler_kwargs, progress=progress, callback=callback, timesteps=timesteps,
-                       image=image, strength=strength, mask_image=mask_image)
+                       image=image, strength=strength, mask_image=mask_image, control_image=control_image,
+                       controlnet_conditioning_scale=controlnet_conditioning_scale)
             for k, picture in enumerate(out.images, start):
                 fields = dict(prompt=jobs[k], negative_prompt=negative_prompt, seed=seed + k, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler_name,
                               size=f"{picture.size[0]}x{picture.size[1]}", model=self.name, **extra)
+                if control_image is not None:
+                    fields.update(controlnet_fields(self.controlnet, control_image, controlnet_conditioning_scale))
                 yield GeneratedImage(index=k, image=picture, fields=fields)
 
 
@@ -444,6 +518,13 @@ def image_fields(timesteps=None, image=None, strength=None, mask_image=None):
         if mask_image is not None:
             fields["mask_image"] = os.path.basename(mask_image) if isinstance(mask_image, str) else "(array)"
     return fields
+
+
+def controlnet_fields(controlnet, control_image, scale):
+    """The metadata fields of a ControlNet run (file names of paths)."""
+    return {"controlnet": os.path.basename(os.path.normpath(controlnet)) if isinstance(controlnet, str) else "ControlNet",
+            "control_image": os.path.basename(control_image) if isinstance(control_image, str) else "(array)",
+            "controlnet_conditioning_scale": scale}
 
 
 @dataclass

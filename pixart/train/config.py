@@ -42,6 +42,9 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: Optional[float] = None
     lora_target_modules: Optional[List[str]] = None
+    # ControlNet
+    controlnet: Optional[str] = None
+    controlnet_layers: Optional[int] = None
     # optimisation
     optim: str = "came"
     start_learning_rate: float = 2e-05
@@ -95,8 +98,9 @@ class TrainConfig:
     @property
     def weights(self):
         """The weights and validation sampler as a PipelineConfig (its checks and paths); the
-        training dtype is a mixed-precision setting, not the pipeline's parameter dtype."""
-        return PipelineConfig.from_args(self, mode="graph", dtype="fp32", compile_cache=None)
+        training dtype is a mixed-precision setting, not the pipeline's parameter dtype. (The
+        ControlNet to train is checked by ``check``: ``--controlnet`` alone means a new one.)"""
+        return PipelineConfig.from_args(self, mode="graph", dtype="fp32", compile_cache=None, controlnet=None)
 
     @property
     def paths(self):
@@ -128,6 +132,16 @@ class TrainConfig:
         if not self.feature_dir and self.image_size is None:
             raise ConfigError("--image_size is needed for the aspect-ratio buckets (256, 512, 1024 or 2048; the "
                               "configs in configs/train set it)")
+        if self.controlnet:
+            if self.lora_rank:
+                raise ConfigError("--controlnet trains the ControlNet branch only; it cannot be combined with --lora_rank")
+            if self.controlnet != "init" and not os.path.exists(self.controlnet):
+                from pixart.utils.errors import CheckpointError
+
+                raise CheckpointError(f"{self.controlnet} not found (--controlnet): ControlNet weights to continue "
+                                      "from, or no value to start from the base model's blocks")
+            if self.controlnet_layers is not None and self.controlnet_layers < 1:
+                raise ConfigError(f"--controlnet_layers must be at least 1, got {self.controlnet_layers}")
         if self.lora_rank and self.lora_target_modules is None:
             from pixart.models.lora import DEFAULT_TARGETS
 

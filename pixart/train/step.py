@@ -80,14 +80,18 @@ class DiffusionLoss(nn.Cell):
         self.net = net
         self.diffusion = diffusion
 
-    def construct(self, latents, y, mask, t, noise, drop_ids, resolution, aspect_ratio, loss_scale):
+    def construct(self, latents, y, mask, t, noise, drop_ids, resolution, aspect_ratio, loss_scale, control=None):
         """latents/noise (N, C, H, W) fp32, y (N, L, E), mask (N, L), t (N,) int32, drop_ids (N,) bool,
-        resolution (N, 2), aspect_ratio (N, 1) (used by PixArt-α micro-conditions only), loss_scale ().
+        resolution (N, 2), aspect_ratio (N, 1) (used by PixArt-α micro-conditions only), loss_scale (),
+        control (N, C, H, W) ControlNet hint latents (the net is then a ``ControlPixArt``) or None.
 
         Returns (loss · loss_scale, loss, mse, vb): scalars; only the first is differentiated.
         """
         x_t = self.diffusion.q_sample(latents, t, noise)
-        out = self.net(x_t, t, y, mask, resolution, aspect_ratio, drop_ids)
+        if control is None:
+            out = self.net(x_t, t, y, mask, resolution, aspect_ratio, drop_ids)
+        else:
+            out = self.net(x_t, t, y, mask, resolution, aspect_ratio, drop_ids, control)
         terms = self.diffusion.training_losses(out, latents, x_t, t, noise)
         loss = terms["loss"].mean()
         return loss * loss_scale, loss, terms["mse"].mean(), terms["vb"].mean()
@@ -136,9 +140,9 @@ class ForwardBackward(nn.Cell):
         self.grad_fn = ops.value_and_grad(loss_fn, grad_position=None, weights=self.weights, has_aux=True)
 
     @ms.jit
-    def construct(self, latents, y, mask, t, noise, drop_ids, resolution, aspect_ratio):
+    def construct(self, latents, y, mask, t, noise, drop_ids, resolution, aspect_ratio, control=None):
         (_, loss, mse, vb), grads = self.grad_fn(latents, y, mask, t, noise, drop_ids, resolution, aspect_ratio,
-                                                 self.scaler.scale)
+                                                 self.scaler.scale, control)
         return loss, mse, vb, grads
 
 

@@ -40,7 +40,7 @@ logger = logging.getLogger("train")
 NULL_CAPTION = "y_embedder.y_embedding"
 # Options a resumed run must share with the checkpoint: they decide what the stored state means.
 RESUME_KEYS = ("seed", "batch_size", "image_size", "multi_scale", "optim", "use_ema", "lora_rank", "lora_alpha",
-               "lora_target_modules")
+               "lora_target_modules", "controlnet", "controlnet_layers")
 # Options that may change on resume, at the price of exactness (a warning says so). Switching between
 # images and cached features keeps it exact: both give the same numbers.
 RESUME_WARN_KEYS = ("world_size", "gradient_accumulation_steps", "class_dropout_prob", "real_prompt_ratio")
@@ -159,6 +159,7 @@ class Trainer:
         self.feature_mode = bool(getattr(cfg, "feature_dir", None))
         self.dtype = resolve_dtype(cfg.dtype, device_target)
         self.vae = self.tokenizer = self.text_encoder = None
+        self.controlnet = None  # the ControlNet branch (train.py --controlnet); the DiT is then frozen
         self.validation_inputs = None
         self.epoch = 0
 
@@ -187,6 +188,10 @@ class Trainer:
             cfg.image_size = extracted
             records = self.dataset.records
             self._load = lambda indices, epoch: load_feature_batch(self.dataset, indices, epoch)
+            if cfg.controlnet:
+                from pixart.train.controlnet import with_control_features
+
+                self._load = with_control_features(self._load, self.dataset)
             logger.info("features: %d records from %s", len(records), cfg.feature_dir)
         else:
             # check_images: files that are not images are refused now, not met one by one in training.
@@ -200,6 +205,11 @@ class Trainer:
             self.dataset = TrainDataset(records, cfg.image_dir, self.bins, real_prompt_ratio=cfg.real_prompt_ratio,
                                         seed=cfg.seed)
             self._load = lambda indices, epoch: load_batch(self.dataset, indices, epoch)
+            if cfg.controlnet:
+                from pixart.train.controlnet import check_control_records, with_control_images
+
+                check_control_records(records, cfg.image_dir)
+                self._load = with_control_images(self._load, self.dataset)
         self.sampler = BucketBatchSampler(records, self.bins, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                           rank=self.rank, world_size=self.world_size, drop_last=True)
         accum = cfg.gradient_accumulation_steps
@@ -237,12 +247,17 @@ class Trainer:
             inject_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, seed=cfg.seed)
         # Trained weights by name (LoRA: only the adapters; full fine-tuning: everything).
         self.trained = [(n, p) for n, p in self.model.parameters_and_names() if p.requires_grad]
-        if cfg.recompute:
-            for block in self.model.blocks:
-                block.recompute()
         self.net = self.model
+        if cfg.controlnet:  # only the ControlNet branch trains
+            from pixart.train.controlnet import build_controlnet_training
+
+            self.controlnet, self.trained, self.net = build_controlnet_training(
+                self.model, cfg.controlnet, cfg.controlnet_layers, cfg.attention_backend)
+        if cfg.recompute:
+            for block in list(self.model.blocks) + list(self.controlnet.controlnet if self.controlnet else []):
+                block.recompute()
         if self.dtype != "fp32":
-            self.net = ms.amp.auto_mixed_precision(self.model, cfg.amp_level, dtype=ms_dtype(self.dtype))
+            self.net = ms.amp.auto_mixed_precision(self.net, cfg.amp_level, dtype=ms_dtype(self.dtype))
         n_trained = sum(int(np.prod(p.shape)) for _, p in self.trained)
         n_total = sum(int(np.prod(p.shape)) for _, p in self.model.parameters_and_names())
         logger.info("model: %s, %d blocks, %.1fM parameters, %.2fM trained%s, compute %s%s", self.paths["transformer"],
@@ -302,8 +317,13 @@ class Trainer:
                                 self.train_step.diffusion.num_timesteps, self.config.class_dropout_prob)
         resolution = ms.Tensor(data["original_sizes"].astype(np.float32))
         aspect = ms.Tensor(np.full((n, 1), float(data["bucket"]), np.float32))
-        return (latents, y, mask.astype(ms.int32), ms.Tensor(draws["t"]), ms.Tensor(draws["noise"]),
-                ms.Tensor(draws["drop_ids"]), resolution, aspect)
+        inputs = (latents, y, mask.astype(ms.int32), ms.Tensor(draws["t"]), ms.Tensor(draws["noise"]),
+                  ms.Tensor(draws["drop_ids"]), resolution, aspect)
+        if self.controlnet is not None:
+            from pixart.train.controlnet import control_inputs
+
+            inputs += (control_inputs(self.vae, data),)
+        return inputs
 
     def _encode(self, data, epoch):
         """Images -> scaled latents z = (mean + std·ε)·s with ε from ``latent_noise`` (the same ε the
@@ -461,7 +481,12 @@ class Trainer:
                            text_encoder=lambda: T5Encoder.from_pretrained(paths["text_encoder"]))
         components = dict(vae=self.vae, tokenizer=self.tokenizer, text_encoder=self.text_encoder)
         components.update(loaders)
-        self.pipeline = cls(transformer=self.model, sampler=cfg.sampling_method, low_memory=True, **components)
+        self.pipeline = cls(transformer=self.model, sampler=cfg.sampling_method, low_memory=True,
+                            controlnet=self.controlnet, **components)
+        if self.controlnet is not None:  # validation uses the first record's control image
+            from pixart.train.controlnet import validation_control_image
+
+            self.validation_control = validation_control_image(self.dataset.records, cfg.image_dir)
         negatives = list(cfg.validation_negative_prompts or [""] * len(prompts))
         if len(negatives) != len(prompts):
             raise ConfigError(f"{len(negatives)} validation_negative_prompts for {len(prompts)} validation_prompts")
@@ -481,7 +506,9 @@ class Trainer:
             out = self.pipeline(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
                                 negative_prompt_attention_mask=neg_mask, num_inference_steps=cfg.sampling_steps,
                                 timesteps=cfg.timesteps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
-                                progress=False)
+                                progress=False,
+                                **({"control_image": self.validation_control} if self.controlnet is not None and
+                                   self.validation_control else {}))
         folder = os.path.join(cfg.output_path, "samples", f"step-{self.step:06d}")
         os.makedirs(folder, exist_ok=True)
         from PIL.PngImagePlugin import PngInfo
@@ -501,6 +528,8 @@ class Trainer:
         # Strings only: numeric entries would read back as (unexpected) tensors in from_pretrained.
         meta = {"train_step": str(self.step), "base_model": str(self.paths["transformer"])}
         names = ("lora", "lora_ema") if self.config.lora_rank else ("model", "ema")
+        if self.controlnet is not None:
+            names = ("controlnet", "controlnet_ema")
         self._save_weights(os.path.join(folder, names[0]), meta)
         if self.ema is not None:
             with self.ema.swapped_in():
@@ -508,7 +537,11 @@ class Trainer:
         logger.info("exported %s to %s", ", ".join(names if self.ema is not None else names[:1]), folder)
 
     def _save_weights(self, stem, meta):
-        if self.config.lora_rank:
+        if self.controlnet is not None:  # the official layout's controlnet.N.* names, for sample.py --controlnet
+            from pixart.models.controlnet import save_controlnet
+
+            save_controlnet(self.controlnet, stem + ".ckpt", extra=meta)
+        elif self.config.lora_rank:
             from pixart.models.lora import save_lora
 
             save_lora(self.model, stem + ".safetensors", metadata=meta)

@@ -143,8 +143,8 @@ def run_diffusers(folder, size, steps, dtype_name):
         with torch.no_grad():
             latents = stage(f"image {k + 1}: denoise", lambda: pipe(
                 prompt_embeds=embeds[0][rows], prompt_attention_mask=embeds[1][rows],
-                negative_prompt_embeds=embeds[2][rows], negative_prompt_attention_mask=embeds[3][rows],
-                height=size, width=size, num_inference_steps=steps, output_type="latent",
+                negative_prompt=None, negative_prompt_embeds=embeds[2][rows],
+                negative_prompt_attention_mask=embeds[3][rows], height=size, width=size, num_inference_steps=steps, output_type="latent",
                 use_resolution_binning=False, generator=torch.Generator().manual_seed(k)).images)
             stage(f"image {k + 1}: decode", lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor))
     return stage.rows, {"text_tokens": int(embeds[0].shape[1])}

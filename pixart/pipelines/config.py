@@ -25,13 +25,14 @@ _COMPONENTS_URL = f"https://huggingface.co/{SIGMA_COMPONENTS_REPO}"
 
 
 @dataclass
-class PipelineConfig:
-    """Weights, architecture overrides, runtime and the default sampler of a pipeline.
+class WeightsConfig:
+    """Which weights, and what the DiT's checkpoint may not record (shared by PipelineConfig and
+    TrainConfig).
 
-    Weights: ``pretrained_path`` (a diffusers PixArt folder) or ``checkpoint`` (DiT weights) with
+    ``pretrained_path`` (a diffusers PixArt folder or hub id) or ``checkpoint`` (DiT weights) with
     ``vae_root`` / ``text_encoder_root`` / ``tokenizer_root``. ``image_size`` and
     ``pe_interpolation`` say what a checkpoint does not record; ``kv_compress*`` switch on KV token
-    compression; ``lora`` merges adapters into the DiT.
+    compression.
     """
 
     version: str = "sigma"
@@ -47,6 +48,12 @@ class PipelineConfig:
     kv_compress_scale_factor: int = 1
     kv_compress_layer: Optional[List[int]] = None
     attention_backend: str = "auto"
+
+
+@dataclass
+class PipelineConfig(WeightsConfig):
+    """Weights (``WeightsConfig``), LoRA / ControlNet, runtime and the default sampler of a pipeline."""
+
     lora: Optional[str] = None
     lora_scale: float = 1.0
     controlnet: Optional[str] = None

@@ -95,10 +95,7 @@ class DDIMSampler(Sampler):
         Returns:
             (N, C, H, W) x at the previous timestep, in `sample`'s dtype.
         """
-        self._check_ready()
-        c = self._coeffs.get(int(timestep))
-        if c is None:
-            raise ValueError(f"timestep {int(timestep)} is not in this sampler's timesteps")
+        c = self._at(self._coeffs, timestep)
         eps, _ = self._split_output(model_output, sample)
         x = _to_float32(sample)
         x0 = c["x0_x"] * x + c["x0_eps"] * eps

@@ -297,10 +297,7 @@ class IDDPMSampler(Sampler):
         Returns:
             (N, C, H, W) x at the next timestep, in `sample`'s dtype.
         """
-        self._check_ready()
-        index = self._respaced_index.get(int(timestep))
-        if index is None:
-            raise ValueError(f"timestep {int(timestep)} is not in this sampler's timesteps")
+        index = self._at(self._respaced_index, timestep)
         eps, var_values = self._split_output(model_output, sample)
         x = _to_float32(sample)
         out = self._respaced.p_mean_variance(eps, var_values, x, index, self.clip_denoised)

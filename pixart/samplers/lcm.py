@@ -97,10 +97,7 @@ class LCMSampler(Sampler):
             (N, C, H, W) sample at the next timestep (the clean estimate after the last step), in `sample`'s
             dtype; with return_denoised, (that, denoised).
         """
-        self._check_ready()
-        c = self._coeffs.get(int(timestep))
-        if c is None:
-            raise ValueError(f"timestep {int(timestep)} is not in this sampler's timesteps")
+        c = self._at(self._coeffs, timestep)
         eps, _ = self._split_output(model_output, sample)
         x = _to_float32(sample)
         # Near t = T the x0 prediction divides a small difference by sqrt(ᾱ) ≈ 0.006: it is formed in

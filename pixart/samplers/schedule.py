@@ -178,6 +178,15 @@ class Sampler(ABC):
         var_values = None if var_values is None else _to_float32(var_values)
         return eps, var_values
 
+    def _at(self, table, timestep):
+        """``table[int(timestep)]`` (a step's coefficients), or a ValueError for a timestep this sampler
+        does not visit (checks set_timesteps was called first)."""
+        self._check_ready()
+        value = table.get(int(timestep))
+        if value is None:
+            raise ValueError(f"timestep {int(timestep)} is not in this sampler's timesteps")
+        return value
+
     def _noise(self, shape, noise=None):
         """The step's Gaussian noise: `noise` if given (tests inject it), else drawn from self.generator."""
         if noise is None:

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from pixart.cli import DEFAULT_PROMPT
-from pixart.pipelines.config import PipelineConfig
+from pixart.pipelines.config import PipelineConfig, WeightsConfig
 from pixart.utils.config import config_from_args
 from pixart.utils.errors import ConfigError
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(WeightsConfig):
+    """A fine-tuning run's options (the weights and architecture fields come from ``WeightsConfig``)."""
+
     # data
     json_path: Optional[str] = None
     image_dir: Optional[str] = None
@@ -24,20 +26,6 @@ class TrainConfig:
     class_dropout_prob: float = 0.1
     batch_size: int = 1
     prefetch: int = 2
-    # weights and architecture
-    version: str = "sigma"
-    pretrained_path: Optional[str] = None
-    checkpoint: Optional[str] = None
-    vae_root: str = "models/vae"
-    text_encoder_root: str = "models/text_encoder"
-    tokenizer_root: str = "models/tokenizer"
-    image_size: Optional[int] = None
-    pe_interpolation: Optional[float] = None
-    kv_compress: bool = False
-    kv_compress_sampling: str = "conv"
-    kv_compress_scale_factor: int = 1
-    kv_compress_layer: Optional[List[int]] = None
-    attention_backend: str = "auto"
     # LoRA
     lora_rank: int = 0
     lora_alpha: Optional[float] = None

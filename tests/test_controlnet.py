@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import mindspore as ms
-from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from safetensors.torch import save_file
 
@@ -15,6 +14,7 @@ from pixart.models.controlnet import (ControlPixArt, PixArtControlNet, load_cont
                                       save_controlnet)
 from pixart.models.pixart_weights import from_pretrained
 from pixart.utils.errors import CheckpointError, ConfigError
+from tiny_models import tiny_transformer
 
 HEAD_DIM, CAPTION, TOKENS = 8, 12, 6
 
@@ -23,21 +23,9 @@ HEAD_DIM, CAPTION, TOKENS = 8, 12, 6
 
 
 def tiny_base(heads=2, depth=4, sample_size=8, interpolation_scale=1.0, micro=False, seed=0):
-    """A tiny random diffusers PixArt transformer, every weight non-zero."""
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=depth,
-        cross_attention_dim=heads * HEAD_DIM, caption_channels=CAPTION, sample_size=sample_size, patch_size=2,
-        interpolation_scale=interpolation_scale, use_additional_conditions=micro, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-        emb = model.adaln_single.emb  # N(0, 0.02) as PixArt initialises them (see test_pixart_dit)
-        for name in ("timestep_embedder", "resolution_embedder", "aspect_ratio_embedder"):
-            if hasattr(emb, name):
-                getattr(emb, name).linear_1.weight.normal_(0.0, 0.02)
-    return model
+    """A tiny random diffusers PixArt transformer, every weight non-zero (tiny_models.tiny_transformer)."""
+    return tiny_transformer(sample_size, micro, seed, CAPTION, heads=heads, head_dim=HEAD_DIM,
+                            interpolation_scale=interpolation_scale, depth=depth)
 
 
 class RefControlBlock(torch.nn.Module):

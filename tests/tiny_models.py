@@ -33,7 +33,7 @@ def make_tokenizer(folder, seed=0, words=WORDS):
 
 
 def tiny_transformer(sample_size=32, micro=False, seed=0, caption_channels=T5_DIM, heads=2, head_dim=None,
-                     interpolation_scale=None):
+                     interpolation_scale=None, depth=2):
     """A tiny random diffusers PixArtTransformer2DModel with every parameter non-zero (diffusers
     zero-inits some); head_dim defaults to 8 (12 with micro-conditions, whose embedders need D/3)."""
     from diffusers import PixArtTransformer2DModel
@@ -42,7 +42,7 @@ def tiny_transformer(sample_size=32, micro=False, seed=0, caption_channels=T5_DI
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-        num_layers=2, cross_attention_dim=heads * head_dim, caption_channels=caption_channels,
+        num_layers=depth, cross_attention_dim=heads * head_dim, caption_channels=caption_channels,
         sample_size=sample_size, patch_size=2, interpolation_scale=interpolation_scale,
         use_additional_conditions=micro, norm_type="ada_norm_single", norm_elementwise_affine=False,
         norm_eps=1e-6).eval()

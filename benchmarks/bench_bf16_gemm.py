@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import ops  # noqa: E402
 
+from bench_t5_cast import interleaved  # noqa: E402 (benchmarks/ is on sys.path: run as a script)
 from pixart.ops import bf16_matmul  # noqa: E402
 
 SHAPES = {  # name -> [(label, M, K, N)]
@@ -120,19 +121,11 @@ def dit_step(size, repeats, mode):
     gc.collect()
     base = run["ours fp32"]()
     errors = {name: float(np.abs(fn() - base).max()) for name, fn in run.items()}
-    for fn in run.values():
-        fn()
-    times = {name: [] for name in run}
-    for _ in range(repeats):
-        for name, fn in run.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved(run, repeats)
     print(f"\nPixArt-XL/2 CFG step {size}² ({mode}), output up to {np.abs(base).max():.3g}:\n"
           "| denoiser | s/step | vs ours fp32 | max abs diff vs ours fp32 |\n|---|---|---|---|")
-    ref_s = float(np.median(times["ours fp32"]))
-    for name, t_list in times.items():
-        med = float(np.median(t_list))
+    ref_s = times["ours fp32"]
+    for name, med in times.items():
         print(f"| {name} | {med:.2f} | {med / ref_s:.2f} | {errors[name]:.2e} |", flush=True)
 
 

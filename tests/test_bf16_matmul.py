@@ -15,7 +15,8 @@ from mindspore import nn
 from pixart.models.pixart_weights import from_pretrained
 from pixart.ops import bf16_matmul
 from pixart.ops.bf16_matmul import Bf16Linear, use_bf16_gemm
-from tests.test_pixart_dit import inputs, ms_forward, tiny_diffusers, torch_forward
+from test_pixart_dit import inputs, ms_forward, tiny_diffusers, torch_forward
+from tiny_models import with_bf16_rounded_linears
 
 
 def _round_bf16(a):
@@ -65,14 +66,6 @@ def test_bf16_gemm_self_test_and_cache(tmp_path, monkeypatch):
         bf16_matmul.bf16_gemm_library.cache_clear()
 
 
-def _with_rounded_linears(model):
-    """A torch model whose nn.Linear layers compute exactly what the bf16 GEMM does, in fp32."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(module.weight.bfloat16().float())
-                module.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),))
-    return model
 
 
 def test_use_bf16_gemm_dit_matches_diffusers(tmp_path):
@@ -93,7 +86,7 @@ def test_use_bf16_gemm_dit_matches_diffusers(tmp_path):
     out = ms_forward(model, x, t, y, mask)
     # exact semantics: fp32 everywhere except bf16-rounded linear inputs and weights; a bf16
     # rounding may flip with the summation order (none does here: measured 4e-8), one ulp is 3.9e-3
-    exact = torch_forward(_with_rounded_linears(tiny_diffusers()), x, t, y, mask)
+    exact = torch_forward(with_bf16_rounded_linears(tiny_diffusers()), x, t, y, mask)
     assert _rel_err(out, exact) < 4e-3
     # diffusers in bf16 (bf16 activations everywhere): the same to bf16 accuracy
     with torch.no_grad():

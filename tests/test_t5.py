@@ -22,7 +22,7 @@ from pixart.ops.bf16_matmul import Bf16Linear
 from pixart.models.tokenizer import PromptTokenizer, encode_prompts, preprocess_text
 from pixart.utils.checkpoint import load_into_cell, read_safetensors, save_safetensors
 from pixart.utils.errors import CheckpointError, ConfigError
-from tiny_models import T5_CONFIGS, make_tokenizer, tiny_t5_ours, tiny_t5_variant
+from tiny_models import T5_CONFIGS, make_tokenizer, tiny_t5_ours, tiny_t5_variant, with_bf16_rounded_linears
 
 ATOL = 1e-4  # fp32 vs fp32
 
@@ -195,15 +195,6 @@ def test_bf16_projections_upcast_by_fast_kernel(tmp_path):
     _assert_close(fast, _reference(reference, ids, mask))
 
 
-def _bf16_gemm_reference(model):
-    """transformers' model computing, in fp32, exactly what the bf16 GEMM does: its linear layers
-    see bf16-rounded weights and inputs, everything else is fp32."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(module.weight.bfloat16().float())
-                module.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),))
-    return model
 
 
 @pytest.mark.parametrize("checkpoint_dtype", [torch.float32, torch.bfloat16])
@@ -223,7 +214,7 @@ def test_use_bf16_gemm_matches_transformers(tmp_path, checkpoint_dtype):
     assert names == {n for n, _ in encoder.parameters_and_names()}
     ids, mask = _inputs(256)
     out = _ours(encoder, ids, mask)
-    exact = _reference(_bf16_gemm_reference(T5EncoderModel.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()),
+    exact = _reference(with_bf16_rounded_linears(T5EncoderModel.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()),
                        ids, mask)
     rel = lambda a, b: np.abs(a - b).max() / np.abs(b).max()  # noqa: E731
     assert rel(out, exact) <= 4e-3

@@ -194,3 +194,14 @@ def make_pipeline_folder(folder, kind="sigma", sample_size=32, seed=0):
 
 def seeded_latents(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def with_bf16_rounded_linears(model):
+    """A torch model computing, in fp32, exactly what our bf16 GEMM does: its nn.Linear layers see
+    bf16-rounded weights and inputs, everything else stays fp32."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.bfloat16().float())
+                module.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),))
+    return model

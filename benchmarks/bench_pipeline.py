@@ -94,14 +94,14 @@ class Stages:
         return out
 
 
-def run_ours(folder, size, steps, cache):
+def run_ours(folder, size, steps, cache, dtype_name):
     import mindspore as ms
 
     from pixart.pipelines.config import PipelineConfig
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    pipe = PipelineConfig(pretrained_path=folder, compile_cache=cache).build()
+    pipe = PipelineConfig(pretrained_path=folder, compile_cache=cache, dtype=dtype_name).build()
     stage = Stages()
     embeds = stage("T5 load + encode", lambda: pipe.encode_prompt(PROMPTS, ""))
     stage("DiT load", lambda: pipe.transformer)
@@ -151,8 +151,9 @@ def run_diffusers(folder, size, steps, dtype_name):
 
 
 def worker(args):
-    if args.framework == "ours":
-        rows, info = run_ours(args.folder, args.size, args.steps, args.cache)
+    if args.framework.startswith("ours"):
+        dtype_name = args.framework.split("-")[1] if "-" in args.framework else "fp32"
+        rows, info = run_ours(args.folder, args.size, args.steps, args.cache, dtype_name)
     else:
         rows, info = run_diffusers(args.folder, args.size, args.steps, args.framework.split("-")[1])
     print(json.dumps({"stages": rows, "peak_gib": round(peak_gib(), 2), **info}))
@@ -173,7 +174,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--frameworks", nargs="+", default=["ours", "diffusers-fp32", "diffusers-bf16"])
+    p.add_argument("--frameworks", nargs="+", default=["ours", "ours-bf16", "diffusers-fp32", "diffusers-bf16"],
+                   choices=["ours", "ours-bf16", "diffusers-fp32", "diffusers-bf16"],
+                   help="ours = fp32; ours-bf16 = sample.py --dtype bf16 (bf16 GEMMs on CPU)")
     p.add_argument("--folder", help="where the random components go (default: a temp dir)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--worker", dest="framework", help=argparse.SUPPRESS)
@@ -194,8 +197,11 @@ def main():
         for size in args.sizes:
             runs = []
             for name in args.frameworks:
-                runs += [("ours (empty compile cache)", "ours"), ("ours (compile cache filled)", "ours")] \
-                    if name == "ours" else [(f"diffusers {name.split('-')[1]}", name)]
+                if name.startswith("ours"):
+                    tag = "ours" + (f" {name.split('-')[1]}" if "-" in name else " fp32")
+                    runs += [(f"{tag} (empty compile cache)", name), (f"{tag} (compile cache filled)", name)]
+                else:
+                    runs.append((f"diffusers {name.split('-')[1]}", name))
             for label, name in runs:
                 print(f"{size}²: {label}", file=sys.stderr, flush=True)
                 cmd = [sys.executable, "-m", "benchmarks.bench_pipeline", "--worker", name, "--size", str(size),

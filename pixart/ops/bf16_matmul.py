@@ -215,6 +215,11 @@ def _set_child(parent, name, child):
         setattr(parent, name, child)
 
 
+def bf16_gemm_layers(model):
+    """How many of ``model``'s layers run as bf16 GEMMs (0 for a plain model)."""
+    return sum(isinstance(cell, Bf16Linear) for _, cell in model.cells_and_names())
+
+
 def use_bf16_gemm(model):
     """Swap every linear layer of ``model`` for a bf16-GEMM ``Bf16Linear``, in place.
 

@@ -369,13 +369,14 @@ class PixArtSigmaPipeline:
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
         if self.mode == "graph" and self.compile_cache:
+            from pixart.ops.bf16_matmul import bf16_gemm_layers
             from pixart.utils.compile_cache import use_graph_cache
 
             base = self.transformer  # model is the ControlPixArt around it with a ControlNet
             use_graph_cache(self.compile_cache, {
                 "model": base.config.to_dict(), "class": type(model).__name__, "dtype": str(base.dtype),
                 "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
-                "backend": getattr(base.blocks[0].attn, "backend", None),
+                "backend": getattr(base.blocks[0].attn, "backend", None), "bf16_gemm_layers": bf16_gemm_layers(base),
                 "controlnet": getattr(model, "num_layers", None)})
         try:
             for i, t in enumerate(tqdm(run, disable=not progress, desc="sampling")):

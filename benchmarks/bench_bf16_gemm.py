@@ -7,7 +7,7 @@ tokens) shapes. Candidates, run interleaved (one repeat of each in turn, so a ch
 load hits all of them alike):
 
     ms fp32      MindSpore ops.MatMul, fp32 x and W (the default CPU path)
-    ms bf16      pixart.ops.bf16_matmul (MindSpore ops.Custom → oneDNN gemm_bf16bf16f32), fp32 x, bf16 W
+    ms bf16      pixart.ops.cpu_kernels (MindSpore ops.Custom → oneDNN gemm_bf16bf16f32), fp32 x, bf16 W
     torch fp32   torch.nn.functional.linear, fp32
     torch bf16   torch.nn.functional.linear, bf16 x and W (bf16 output)
 
@@ -17,7 +17,8 @@ against torch fp32 on the same bf16-rounded operands, and the load average befor
     python benchmarks/bench_bf16_gemm.py --dit_step [--size 256] [--mode graph]
 
 instead times one classifier-free-guidance step of the full PixArt-XL/2 (batch 2, 300 text
-tokens, random weights shared by all): ours fp32, ours with use_bf16_gemm, and diffusers in
+tokens, random weights shared by all): ours fp32, ours fp32 with use_fused_norms, ours with
+use_bf16_gemm and use_fused_norms (what `--dtype bf16` runs on CPU), and diffusers in
 torch bf16, interleaved, with each one's max abs difference from ours fp32. (torch fp32 is
 left out to stay within the machine's memory; bench_dit.py measures it.)
 """
@@ -37,7 +38,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import ops  # noqa: E402
 
 from bench_t5_cast import interleaved  # noqa: E402 (benchmarks/ is on sys.path: run as a script)
-from pixart.ops import bf16_matmul  # noqa: E402
+from pixart.ops import cpu_kernels  # noqa: E402
 
 SHAPES = {  # name -> [(label, M, K, N)]
     "dit256": [("XL-2 qkv 256²", 512, 1152, 3456), ("XL-2 fc1 256²", 512, 1152, 4608),
@@ -62,8 +63,8 @@ def candidates(m, k, n, rng):
     tx, tw = torch.from_numpy(x), torch.from_numpy(w)
     tx_b, tw_b = tx.bfloat16(), tw.bfloat16()
     error = None
-    if bf16_matmul.bf16_gemm_available():
-        op = bf16_matmul.bf16_matmul_op()
+    if cpu_kernels.bf16_gemm_available():
+        op = cpu_kernels.bf16_matmul_op()
         run["ms bf16"] = lambda: op(ms_x, ms_wb).asnumpy()
         # the same bf16-rounded operands in fp32: only the summation order differs
         exact = torch.nn.functional.linear(tx_b.float(), tw_b.float()).numpy()
@@ -74,7 +75,8 @@ def candidates(m, k, n, rng):
 def dit_step(size, repeats, mode):
     from diffusers import PixArtTransformer2DModel
 
-    from pixart.models.pixart import PE_INTERPOLATION, PixArtMS_XL_2
+    from pixart.models.pixart import PixArtMS_XL_2
+    from pixart.tables import PE_INTERPOLATION
     from pixart.models.pixart_weights import diffusers_to_original
     from pixart.utils.checkpoint import load_into_cell
 
@@ -88,10 +90,12 @@ def dit_step(size, repeats, mode):
     state = diffusers_to_original({k: v.detach().numpy() for k, v in ref.state_dict().items()})
     ref = ref.to(torch.bfloat16)
 
-    def ours(bf16_gemm):
+    def ours(bf16_gemm, fused_norms):
         model = PixArtMS_XL_2(input_size=latent, pe_interpolation=PE_INTERPOLATION[size])
         load_into_cell(model, {**state, "y_embedder.y_embedding": model.y_embedder.y_embedding.asnumpy()})
-        if bf16_gemm and not bf16_matmul.use_bf16_gemm(model):
+        if bf16_gemm and not cpu_kernels.use_bf16_gemm(model):
+            return None
+        if fused_norms and not cpu_kernels.use_fused_norms(model):
             return None
         return model.set_train(False)
 
@@ -112,8 +116,9 @@ def dit_step(size, repeats, mode):
                        return_dict=False)[0].float().numpy()
 
     run = {}
-    for name, bf16_gemm in (("ours fp32", False), ("ours bf16 GEMM", True)):
-        model = ours(bf16_gemm)
+    for name, bf16_gemm, fused_norms in (("ours fp32", False, False), ("ours fp32, fused norms", False, True),
+                                         ("ours bf16 GEMM, fused norms", True, True)):
+        model = ours(bf16_gemm, fused_norms)
         if model is not None:
             run[name] = lambda model=model: model(*inputs).asnumpy()
     run["torch bf16"] = torch_bf16

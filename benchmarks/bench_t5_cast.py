@@ -10,7 +10,7 @@ interleaved (one repeat of each in turn):
     fp32 weights         no cast (19 GB for the whole model)
     bf16 + MS Cast       the old path: MindSpore's Cast, then an fp32 MatMul
     fp16 + MS Cast       fp16 storage (exact for bf16 values in 2^-17..65504), MindSpore's Cast
-    bf16 + fast upcast   the custom bf16 -> fp32 kernel (pixart.ops.bf16_matmul), then fp32 MatMul
+    bf16 + fast upcast   the custom bf16 -> fp32 kernel (pixart.ops.cpu_kernels), then fp32 MatMul
     bf16 GEMM            use_bf16_gemm: bf16 products, fp32 sums (not bitwise fp32: x is rounded)
 
 and the casts alone. Part 2 runs the full-width T5-XXL encoder with ``--layers`` of its 24
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from pixart.models.t5 import Linear, T5Config, T5Encoder  # noqa: E402
-from pixart.ops import bf16_matmul  # noqa: E402
+from pixart.ops import cpu_kernels  # noqa: E402
 from pixart.utils.checkpoint import load_into_cell  # noqa: E402
 
 TOKENS = 600
@@ -58,7 +58,7 @@ def _linear(weight, dtype, upcast=None, bf16_gemm=False):
     layer.upcast = upcast
     if bf16_gemm:
         holder = ms.nn.SequentialCell([layer])
-        bf16_matmul.use_bf16_gemm(holder)
+        cpu_kernels.use_bf16_gemm(holder)
         return holder
     return layer
 
@@ -66,12 +66,12 @@ def _linear(weight, dtype, upcast=None, bf16_gemm=False):
 def bench_linear(n_in, n_out, repeats, rng):
     weight = (rng.standard_normal((n_out, n_in), np.float32) / np.sqrt(n_in)).astype(ml_dtypes.bfloat16)
     x = ms.Tensor(rng.standard_normal((TOKENS, n_in), np.float32))
-    upcast = bf16_matmul.bf16_to_fp32_op() if bf16_matmul.fast_upcast_available() else None
+    upcast = cpu_kernels.bf16_to_fp32_op() if cpu_kernels.fast_upcast_available() else None
     layers = {"fp32 weights": _linear(weight, ms.float32), "bf16 + MS Cast": _linear(weight, ms.bfloat16),
               "fp16 + MS Cast": _linear(weight, ms.float16)}
     if upcast is not None:
         layers["bf16 + fast upcast"] = _linear(weight, ms.bfloat16, upcast=upcast)
-    if bf16_matmul.bf16_gemm_available():
+    if cpu_kernels.bf16_gemm_available():
         layers["bf16 GEMM"] = _linear(weight, ms.bfloat16, bf16_gemm=True)
     run = {name: (lambda layer=layer: layer(x).asnumpy()) for name, layer in layers.items()}
     w_bf16, w_fp16 = layers["bf16 + MS Cast"].weight, layers["fp16 + MS Cast"].weight
@@ -118,7 +118,7 @@ def bench_layers(layers, repeats):
                 if isinstance(cell, Linear):
                     cell.upcast = None
         if bf16_gemm:
-            bf16_matmul.use_bf16_gemm(model)
+            cpu_kernels.use_bf16_gemm(model)
         model.set_train(False)
         tensors = ms.Tensor(ids, ms.int32), ms.Tensor(mask, ms.int32)
         return lambda: model(*tensors).asnumpy()
@@ -135,7 +135,7 @@ def bench_layers(layers, repeats):
 
     run = {"ours fp32 weights": ours(ms.float32), "ours bf16 + MS Cast": ours(ms.bfloat16, fast_upcast=False),
            "ours bf16 + fast upcast": ours(ms.bfloat16)}
-    if bf16_matmul.bf16_gemm_available():
+    if cpu_kernels.bf16_gemm_available():
         run["ours bf16 GEMM"] = ours(ms.bfloat16, bf16_gemm=True)
     run["torch fp32"] = torch_run(reference)
     run["torch bf16"] = torch_run(reference_bf16)

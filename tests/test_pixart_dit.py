@@ -416,7 +416,7 @@ def test_kv_conv_starts_as_average_and_loads_by_original_names(tmp_path):
 def test_half_precision_parameters_run_on_cpu(diffusers_folder):
     """fp16 weights (really fp16: every parameter): same result as fp32 up to fp16 rounding. bf16
     parameters have no MindSpore CPU kernels: refused in one line (bf16 on CPU is fp32 weights with
-    bf16 GEMMs, tests/test_bf16_matmul.py)."""
+    bf16 GEMMs, tests/test_cpu_kernels.py)."""
     ref = ms_forward(from_pretrained(diffusers_folder), *inputs())
     half = from_pretrained(diffusers_folder, dtype=ms.float16)
     assert {p.dtype for p in half.get_parameters()} == {ms.float16}

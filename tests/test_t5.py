@@ -18,7 +18,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from pixart.models import tokenizer as tokenizer_module
 from pixart.models.t5 import Linear, T5Encoder, relative_position_buckets
-from pixart.ops.bf16_matmul import Bf16Linear
+from pixart.ops.cpu_kernels import Bf16Linear
 from pixart.models.tokenizer import PromptTokenizer, encode_prompts, preprocess_text
 from pixart.utils.checkpoint import load_into_cell, read_safetensors, save_safetensors
 from pixart.utils.errors import CheckpointError, ConfigError

@@ -161,6 +161,7 @@ class LayerNorm(nn.Cell):
     def __init__(self, dim, eps=1e-6, affine=True):
         super().__init__()
         self.affine = affine
+        self.eps = eps
         if affine:
             self.weight = ms.Parameter(ms.Tensor(np.ones(dim, np.float32)), name="weight")
             self.bias = ms.Parameter(ms.Tensor(np.zeros(dim, np.float32)), name="bias")
@@ -174,6 +175,27 @@ class LayerNorm(nn.Cell):
             else (self.ones, self.zeros)
         y, _, _ = self.norm(x.astype(ms.float32), gamma, beta)
         return y.astype(x.dtype)
+
+
+class AdaLayerNorm(nn.Cell):
+    """LayerNorm without affine, then adaLN modulation: x (N, T, D), shift/scale (N, 1, D) -> (N, T, D).
+
+    One cell so that CPU runs can swap in a one-pass kernel (``pixart.ops.cpu_kernels.use_fused_norms``)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps, affine=False)
+
+    def construct(self, x, shift, scale):
+        tokens = x.shape[1]
+        return modulate(self.norm(x), expand_tokens(shift, tokens), expand_tokens(scale, tokens))
+
+
+class GatedResidual(nn.Cell):
+    """x + gate·h: x, h (N, T, D), gate (N, 1, D) -> (N, T, D) (swappable like ``AdaLayerNorm``)."""
+
+    def construct(self, x, gate, h):
+        return x + expand_tokens(gate, x.shape[1]) * h
 
 
 class Mlp(nn.Cell):
@@ -330,22 +352,23 @@ class PixArtBlock(nn.Cell):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, kv_compress=None, kv_scale=1, qk_norm=False,
                  backend="math"):
         super().__init__()
-        self.norm1 = LayerNorm(hidden_size, affine=False)
+        self.norm1 = AdaLayerNorm(hidden_size)
         self.attn = SelfAttention(hidden_size, num_heads, kv_compress, kv_scale, qk_norm, backend)
+        self.gate1 = GatedResidual()
         self.cross_attn = CrossAttention(hidden_size, num_heads, backend)
-        self.norm2 = LayerNorm(hidden_size, affine=False)
+        self.norm2 = AdaLayerNorm(hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
+        self.gate2 = GatedResidual()
         self.scale_shift_table = ms.Parameter(ms.Tensor(np.zeros((6, hidden_size), np.float32)),
                                               name="scale_shift_table")
 
     def construct(self, x, y, text_bias, t0, grid_h, grid_w):
         """x (N, T, D), y (N, L, D), text_bias (N, H, T, L) or None, t0 (N, 6D) -> (N, T, D)."""
         mod = self.scale_shift_table.reshape(1, 6, -1) + t0.reshape(t0.shape[0], 6, -1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            expand_tokens(m, x.shape[1]) for m in ops.split(mod, 1, axis=1))
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid_h, grid_w)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)  # (N, 1, D)
+        x = self.gate1(x, gate_msa, self.attn(self.norm1(x, shift_msa, scale_msa), grid_h, grid_w))
         x = x + self.cross_attn(x, y, text_bias)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = self.gate2(x, gate_mlp, self.mlp(self.norm2(x, shift_mlp, scale_mlp)))
         return x
 
 

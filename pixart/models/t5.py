@@ -16,7 +16,7 @@ Memory: T5-XXL has 4.76 B parameters (19 GB in fp32), too much for a 24 GiB mach
 DiT. The big matrices (q, k, v, o, wi, wo) can therefore be *stored* in half precision
 (``weight_dtype``, by default whatever half dtype the checkpoint has) and are upcast one matrix
 at a time inside ``Linear`` for fp32 compute; MindSpore's CPU kernels have no bf16 matmul. On CPU
-the bf16 upcast is a custom kernel (``pixart.ops.bf16_matmul``, ~10× faster than MindSpore's Cast,
+the bf16 upcast is a custom kernel (``pixart.ops.cpu_kernels``, ~10× faster than MindSpore's Cast,
 which cost a third of the encoder's time); ``use_bf16_gemm=True`` instead runs the projections as
 bf16 GEMMs (bf16 products, fp32 sums: about twice the fp32 speed).
 Loading reads one tensor at a time from the memory-mapped safetensors and lets the map go after
@@ -35,7 +35,7 @@ from mindspore.common.initializer import initializer
 
 from pixart.models.layers import gelu_tanh
 from pixart.models.attention import mask_to_bias, resolve_backend, scaled_dot_product_attention
-from pixart.ops import bf16_matmul
+from pixart.ops import cpu_kernels
 from pixart.utils.checkpoint import find_weight_files, load_into_cell, read_safetensors, read_state_dict
 from pixart.utils.errors import CheckpointError, ConfigError
 
@@ -138,7 +138,7 @@ class Linear(nn.Cell):
     by ``upcast`` (the fast bf16 -> fp32 kernel, set by T5Encoder on CPU) or else MindSpore's Cast.
     """
 
-    bf16_gemm_compatible = True  # pixart.ops.bf16_matmul.use_bf16_gemm may swap it for a bf16 GEMM
+    bf16_gemm_compatible = True  # pixart.ops.cpu_kernels.use_bf16_gemm may swap it for a bf16 GEMM
 
     def __init__(self, in_features, out_features, weight_dtype=ms.float32):
         super().__init__()
@@ -367,9 +367,9 @@ class T5Encoder(nn.Cell):
 
     def _use_fast_upcast(self):
         """Upcast bf16 projections with the custom CPU kernel (same values as Cast, ~10× faster)."""
-        if not bf16_matmul.fast_upcast_available():  # it warned once; MindSpore's Cast is used
+        if not cpu_kernels.fast_upcast_available():  # it warned once; MindSpore's Cast is used
             return
-        upcast = bf16_matmul.bf16_to_fp32_op()
+        upcast = cpu_kernels.bf16_to_fp32_op()
         for _, cell in self.cells_and_names():
             if isinstance(cell, Linear):
                 cell.upcast = upcast
@@ -394,7 +394,7 @@ class T5Encoder(nn.Cell):
         memory, upcast per matrix), and uses ``dtype`` for fp32 files; or give a MindSpore dtype,
         e.g. ``ms.bfloat16`` to hold an fp32 T5-XXL in 9.5 GB instead of 19 GB.
 
-        use_bf16_gemm: on CPU, run the projections as bf16 GEMMs (``pixart.ops.bf16_matmul``):
+        use_bf16_gemm: on CPU, run the projections as bf16 GEMMs (``pixart.ops.cpu_kernels``):
         weights stored bf16, activations rounded to bf16 at each projection, fp32 sums and
         outputs, about twice the fp32 speed. Where the kernel cannot run (no compiler, no
         AVX512-BF16/AMX-BF16, not CPU) it warns once and keeps the fp32 path.
@@ -419,7 +419,7 @@ class T5Encoder(nn.Cell):
             raise CheckpointError(f"{err}; check that config.json and the weights come from the same "
                                   "model") from None
         if use_bf16_gemm:
-            bf16_matmul.use_bf16_gemm(model)
+            cpu_kernels.use_bf16_gemm(model)
         model.set_train(False)
         return model
 

@@ -1,1 +1,1 @@
-"""Custom MindSpore kernels (C++ compiled at first use, cached): see ``bf16_matmul``."""
+"""Custom MindSpore kernels (C++ compiled at first use, cached): see ``cpu_kernels``."""

@@ -147,8 +147,8 @@ class PixArtSigmaPipeline:
         base resolution and the published pe_interpolation for it and this pipeline's version (α 256
         is 1.0, Σ 256 0.5; ``pe_interpolation`` overrides). ``lora`` (a path or ``load_lora``'s result)
         is merged into the DiT each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the
-        DiT's and T5's linear layers run as bf16 GEMMs with bf16 weights (``pixart.ops.bf16_matmul``;
-        fp32 where unavailable)."""
+        DiT's and T5's linear layers run as bf16 GEMMs with bf16 weights (``pixart.ops.cpu_kernels``;
+        fp32 where unavailable). On CPU an fp32 DiT's norms and gates run as fused kernels."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -169,9 +169,11 @@ class PixArtSigmaPipeline:
             if lora is not None:
                 from pixart.models.lora import merge_lora
                 merge_lora(model, lora, strength=lora_scale)
-            if use_bf16_gemm:
-                from pixart.ops.bf16_matmul import use_bf16_gemm as to_bf16_gemm
-                to_bf16_gemm(model)
+            if ms.get_context("device_target") == "CPU" and model.dtype == ms.float32:
+                from pixart.ops import cpu_kernels
+                if use_bf16_gemm:
+                    cpu_kernels.use_bf16_gemm(model)
+                cpu_kernels.use_fused_norms(model)
             model.set_train(False)
             return model
 
@@ -369,7 +371,7 @@ class PixArtSigmaPipeline:
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
         if self.mode == "graph" and self.compile_cache:
-            from pixart.ops.bf16_matmul import bf16_gemm_layers
+            from pixart.ops.cpu_kernels import bf16_gemm_layers, fused_norm_layers
             from pixart.utils.compile_cache import use_graph_cache
 
             base = self.transformer  # model is the ControlPixArt around it with a ControlNet
@@ -377,6 +379,7 @@ class PixArtSigmaPipeline:
                 "model": base.config.to_dict(), "class": type(model).__name__, "dtype": str(base.dtype),
                 "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
                 "backend": getattr(base.blocks[0].attn, "backend", None), "bf16_gemm_layers": bf16_gemm_layers(base),
+                "fused_norm_layers": fused_norm_layers(base),
                 "controlnet": getattr(model, "num_layers", None)})
         try:
             for i, t in enumerate(tqdm(run, disable=not progress, desc="sampling")):

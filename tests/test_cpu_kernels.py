@@ -1,4 +1,4 @@
-"""The CPU bf16 GEMM / fast upcast kernels (pixart.ops.bf16_matmul) and use_bf16_gemm on the DiT.
+"""The CPU bf16 GEMM / fast upcast kernels (pixart.ops.cpu_kernels) and use_bf16_gemm on the DiT.
 
 Reference semantics of the bf16 GEMM: torch fp32 matmul of the bf16-rounded operands (only the
 summation order differs), and diffusers' model run in bf16 for the end-to-end parity.
@@ -13,8 +13,9 @@ import mindspore as ms
 from mindspore import nn
 
 from pixart.models.pixart_weights import from_pretrained
-from pixart.ops import bf16_matmul
-from pixart.ops.bf16_matmul import Bf16Linear, use_bf16_gemm
+from pixart.ops import cpu_kernels
+from pixart.ops.cpu_kernels import (Bf16Linear, Bf16Mlp, FusedAdaLayerNorm, FusedGatedResidual, bf16_gemm_layers,
+                                    fused_norm_layers, use_bf16_gemm, use_fused_norms)
 from test_pixart_dit import inputs, ms_forward, tiny_diffusers, torch_forward
 from tiny_models import with_bf16_rounded_linears
 
@@ -28,21 +29,66 @@ def _rel_err(actual, expected):
 
 
 @pytest.mark.parametrize("x_dtype", [ms.float32, ms.bfloat16])
-def test_bf16_matmul_equals_fp32_matmul_of_bf16_operands(x_dtype):
+def test_cpu_kernels_equals_fp32_matmul_of_bf16_operands(x_dtype):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 7, 130), np.float32) * 4
     w = rng.standard_normal((67, 130), np.float32)
-    out = bf16_matmul.bf16_matmul_op()(ms.Tensor(x, dtype=x_dtype), ms.Tensor(w, dtype=ms.bfloat16))
+    out = cpu_kernels.bf16_matmul_op()(ms.Tensor(x, dtype=x_dtype), ms.Tensor(w, dtype=ms.bfloat16))
     assert out.dtype == ms.float32 and out.shape == (3, 7, 67)
     # x fp32 is rounded to bf16 inside the kernel, to nearest even like torch's .bfloat16()
     expected = torch.from_numpy(x).bfloat16().float() @ torch.from_numpy(_round_bf16(w)).T
     assert _rel_err(out.asnumpy(), expected.numpy()) < 1e-6
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_matmul_bias_and_gelu_are_applied_in_the_kernel(gelu):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 9, 130), np.float32) * 2
+    w = rng.standard_normal((67, 130), np.float32)  # 67 outputs: four 16-wide vectors and a 3-wide tail
+    b = rng.standard_normal(67).astype(np.float32)
+    out = cpu_kernels.bf16_matmul_op(bias=True, gelu=gelu)(ms.Tensor(x), ms.Tensor(w, dtype=ms.bfloat16), ms.Tensor(b))
+    assert out.shape == (2, 9, 67) and out.dtype == ms.float32
+    expected = torch.from_numpy(x).bfloat16().float() @ torch.from_numpy(_round_bf16(w)).T + torch.from_numpy(b)
+    if gelu:
+        expected = torch.nn.functional.gelu(expected, approximate="tanh")
+    assert _rel_err(out.asnumpy(), expected.numpy()) < 1e-6
+    assert (out.asnumpy() < 0).any()
+
+
+@pytest.mark.parametrize("dim", [1152, 20])
+def test_ada_layer_norm_and_gated_residual_kernels(dim):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 5, dim)).astype(np.float32) * 3 + 1
+    shift, scale, gate = (rng.standard_normal((3, 1, dim)).astype(np.float32) for _ in range(3))
+    h = rng.standard_normal((3, 5, dim)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    out = cpu_kernels.ada_layer_norm_op()(ms.Tensor(x), ms.Tensor(shift), ms.Tensor(scale)).asnumpy()
+    np.testing.assert_allclose(out, normed * (1 + scale) + shift, rtol=0, atol=2e-6)
+    out = cpu_kernels.gated_residual_op()(ms.Tensor(x), ms.Tensor(gate), ms.Tensor(h)).asnumpy()
+    np.testing.assert_array_equal(out, x + gate * h)  # one rounding per op, as numpy's float32
+
+
+def test_use_fused_norms_dit_matches_diffusers_in_both_modes(tmp_path):
+    tiny_diffusers(seed=5).save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path))
+    x, t, y, mask = inputs()
+    plain = ms_forward(model, x, t, y, mask)
+    assert use_fused_norms(model) == fused_norm_layers(model) == 4 * len(model.blocks)
+    assert isinstance(model.blocks[0].norm1, FusedAdaLayerNorm) and isinstance(model.blocks[0].gate2, FusedGatedResidual)
+    eager = ms_forward(model, x, t, y, mask)
+    reference = torch_forward(tiny_diffusers(seed=5), x, t, y, mask)
+    assert _rel_err(eager, reference) < 1e-5
+    np.testing.assert_allclose(eager, plain, rtol=0, atol=2e-6 * np.abs(plain).max())
+    ms.set_context(mode=ms.GRAPH_MODE)
+    graph = ms_forward(model, x, t, y, mask)
+    np.testing.assert_allclose(graph, eager, rtol=0, atol=1e-6 * np.abs(eager).max())
+
+
 def test_bf16_to_fp32_is_exact_for_every_bit_pattern():
     bits = np.arange(1 << 16, dtype=np.uint16)  # all bf16 values: ±0, subnormals, ±inf, NaNs
     values = bits.view(ml_dtypes.bfloat16).reshape(256, 256)
-    out = bf16_matmul.bf16_to_fp32_op()(ms.Tensor(values.astype(np.float32), dtype=ms.bfloat16)).asnumpy()
+    out = cpu_kernels.bf16_to_fp32_op()(ms.Tensor(values.astype(np.float32), dtype=ms.bfloat16)).asnumpy()
     expected = (bits.astype(np.uint32) << 16).view(np.float32).reshape(256, 256)
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(out.view(np.uint32)[finite], expected.view(np.uint32)[finite])
@@ -52,18 +98,18 @@ def test_bf16_to_fp32_is_exact_for_every_bit_pattern():
 def test_bf16_gemm_self_test_and_cache(tmp_path, monkeypatch):
     """Compiled once into the cache dir; a second call reuses the library."""
     monkeypatch.setenv("PIXART_CACHE_DIR", str(tmp_path))
-    bf16_matmul.kernel_library.cache_clear()
-    bf16_matmul.bf16_gemm_library.cache_clear()
+    cpu_kernels.kernel_library.cache_clear()
+    cpu_kernels.bf16_gemm_library.cache_clear()
     try:
-        path = bf16_matmul.bf16_gemm_library()
+        path = cpu_kernels.bf16_gemm_library()
         assert path.startswith(str(tmp_path)) and path.endswith(".so")
         mtime = (tmp_path / "ops").stat().st_mtime_ns, len(list((tmp_path / "ops").iterdir()))
-        bf16_matmul.kernel_library.cache_clear()
-        assert bf16_matmul.kernel_library() == path
+        cpu_kernels.kernel_library.cache_clear()
+        assert cpu_kernels.kernel_library() == path
         assert ((tmp_path / "ops").stat().st_mtime_ns, len(list((tmp_path / "ops").iterdir()))) == mtime
     finally:
-        bf16_matmul.kernel_library.cache_clear()
-        bf16_matmul.bf16_gemm_library.cache_clear()
+        cpu_kernels.kernel_library.cache_clear()
+        cpu_kernels.bf16_gemm_library.cache_clear()
 
 
 
@@ -75,8 +121,9 @@ def test_use_bf16_gemm_dit_matches_diffusers(tmp_path):
     fp32_fc1 = model.blocks[0].mlp.fc1.weight.asnumpy()
     dense_count = sum(isinstance(c, nn.Dense) for _, c in model.cells_and_names())
     names = [n for n, _ in model.parameters_and_names()]
-    assert use_bf16_gemm(model) == dense_count > 10
+    assert use_bf16_gemm(model) == dense_count == bf16_gemm_layers(model) > 10
     assert not any(isinstance(c, nn.Dense) for _, c in model.cells_and_names())
+    assert isinstance(model.blocks[0].mlp, Bf16Mlp) and model.blocks[0].mlp.fc1.gelu  # GELU inside fc1's kernel
     assert [n for n, _ in model.parameters_and_names()] == names  # checkpoint names unchanged
     bf16_layers = [c for _, c in model.cells_and_names() if isinstance(c, Bf16Linear)]
     assert all(c.weight.dtype == ms.bfloat16 for c in bf16_layers)
@@ -117,10 +164,10 @@ def test_fallback_without_compiler_warns_once_and_keeps_fp32(tmp_path, monkeypat
     before = ms_forward(model, x, t, y, mask)
     monkeypatch.setenv("PIXART_CACHE_DIR", str(tmp_path / "cache"))  # nothing compiled there yet
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    for fn in (bf16_matmul.kernel_library, bf16_matmul.bf16_gemm_library, bf16_matmul._warn_once):
+    for fn in (cpu_kernels.kernel_library, cpu_kernels.bf16_gemm_library, cpu_kernels._warn_once):
         fn.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="pixart.ops.bf16_matmul"):
+        with caplog.at_level(logging.WARNING, logger="pixart.ops.cpu_kernels"):
             assert use_bf16_gemm(model) == 0
             assert use_bf16_gemm(model) == 0
         messages = [r.getMessage() for r in caplog.records]
@@ -129,22 +176,22 @@ def test_fallback_without_compiler_warns_once_and_keeps_fp32(tmp_path, monkeypat
         assert any(isinstance(c, nn.Dense) for _, c in model.cells_and_names())
         np.testing.assert_array_equal(ms_forward(model, x, t, y, mask), before)
     finally:
-        for fn in (bf16_matmul.kernel_library, bf16_matmul.bf16_gemm_library, bf16_matmul._warn_once):
+        for fn in (cpu_kernels.kernel_library, cpu_kernels.bf16_gemm_library, cpu_kernels._warn_once):
             fn.cache_clear()
 
 
 def test_fallback_on_cpu_without_bf16_flags(monkeypatch, caplog):
-    monkeypatch.setattr(bf16_matmul, "_cpu_flags", lambda: {"avx2", "avx512f"})
-    bf16_matmul.bf16_gemm_library.cache_clear()
-    bf16_matmul._warn_once.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    cpu_kernels.bf16_gemm_library.cache_clear()
+    cpu_kernels._warn_once.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="pixart.ops.bf16_matmul"):
-            assert not bf16_matmul.bf16_gemm_available()
+        with caplog.at_level(logging.WARNING, logger="pixart.ops.cpu_kernels"):
+            assert not cpu_kernels.bf16_gemm_available()
         assert "AVX512-BF16" in caplog.records[0].getMessage()
-        assert bf16_matmul.fast_upcast_available()  # the upcast needs no bf16 instructions
+        assert cpu_kernels.fast_upcast_available()  # the upcast needs no bf16 instructions
     finally:
-        bf16_matmul.bf16_gemm_library.cache_clear()
-        bf16_matmul._warn_once.cache_clear()
+        cpu_kernels.bf16_gemm_library.cache_clear()
+        cpu_kernels._warn_once.cache_clear()
 
 
 def test_pipeline_use_bf16_gemm_matches_diffusers_bf16(tmp_path):
@@ -178,3 +225,24 @@ def test_pipeline_use_bf16_gemm_matches_diffusers_bf16(tmp_path):
     assert np.abs(out - fp32).max() < 0.03
     assert np.abs(out - ref).max() < 0.03
     assert np.abs(out - fp32).max() < np.abs(ref - fp32).max()
+
+
+def test_pipeline_fuses_norms_on_cpu_and_the_compile_cache_tells_the_variants_apart(tmp_path, monkeypatch):
+    """An fp32 DiT on CPU runs the fused norm kernels; the graph-cache signature counts fused and
+    bf16-GEMM layers, so a --dtype bf16 run never loads the fp32 run's graph (or the reverse)."""
+    from pixart import PixArtSigmaPipeline
+    from pixart.utils import compile_cache
+    from tests.tiny_models import make_pipeline_folder, seeded_latents
+
+    folder = make_pipeline_folder(tmp_path / "sigma")
+    signatures = []
+    monkeypatch.setattr(compile_cache, "use_graph_cache", lambda root, signature: signatures.append(signature))
+    kwargs = dict(prompt="a red cube", negative_prompt="", num_inference_steps=2, height=32, width=32,
+                  latents=seeded_latents((1, 4, 4, 4)), use_resolution_binning=False, output_type="np", progress=False)
+    for bf16 in (False, True):
+        pipe = PixArtSigmaPipeline.from_pretrained(str(folder), use_bf16_gemm=bf16)
+        pipe.mode, pipe.compile_cache = "graph", str(tmp_path / "cache")
+        assert fused_norm_layers(pipe.transformer) == 4 * len(pipe.transformer.blocks)
+        assert pipe(**kwargs).images[0].shape == (32, 32, 3)
+    assert [s["fused_norm_layers"] for s in signatures] == [4 * len(pipe.transformer.blocks)] * 2
+    assert signatures[0]["bf16_gemm_layers"] == 0 < signatures[1]["bf16_gemm_layers"]

@@ -1,10 +1,14 @@
-"""bf16 GEMM and fast bf16 -> fp32 upcast on CPU, as MindSpore ``ops.Custom`` AOT kernels.
+"""CPU kernels as MindSpore ``ops.Custom`` AOT ops: bf16 GEMM, fast bf16 -> fp32 upcast, fused norms.
 
-MindSpore 2.7's CPU backend has no bf16 MatMul, and its bf16 -> fp32 Cast is slow (about 5× an
-fp16 Cast). ``bf16_matmul.cc`` fills both gaps:
+MindSpore 2.7's CPU backend has no bf16 MatMul, its bf16 -> fp32 Cast is slow (about 5× an fp16
+Cast), and its CPU LayerNorm and broadcasting elementwise ops cost more than the DiT's GEMMs
+around them. ``cpu_kernels.cc`` fills those gaps:
 
-    bf16_matmul(x (..., K) fp32|bf16, w (N, K) bf16) -> (..., N) fp32   x rounded to bf16, fp32 sums
-    bf16_to_fp32(w bf16) -> fp32                                         exact, a 16-bit shift
+    bf16_matmul(x (..., K) fp32|bf16, w (N, K) bf16[, b (N)]) -> (..., N) fp32   bf16 products, fp32 sums,
+                                                              optionally + b and tanh-GELU
+    bf16_to_fp32(w bf16) -> fp32                              exact, a 16-bit shift
+    ada_layer_norm(x (B, T, D), shift, scale (B, 1, D))       LayerNorm(x)·(1 + scale) + shift, fp32
+    gated_residual(x (B, T, D), gate (B, 1, D), h (B, T, D))  x + gate·h, fp32
 
 The GEMM is oneDNN's ``gemm_bf16bf16f32`` from the ``libdnnl.so.2`` that ships inside MindSpore,
 so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
@@ -13,7 +17,9 @@ by a self-test; without a compiler, libdnnl, or (for the GEMM) a CPU with AVX512
 the callers warn once and keep the fp32 MindSpore path.
 
 ``use_bf16_gemm(model)`` switches a model's linear layers (``nn.Dense`` and the T5 ``Linear``)
-to the bf16 GEMM, storing their weights in bf16 (half the memory).
+to the bf16 GEMM, storing their weights in bf16 (half the memory); an ``Mlp``'s fc1 gets its GELU
+in the same kernel. ``use_fused_norms(model)`` switches the DiT blocks' ``AdaLayerNorm`` and
+``GatedResidual`` (fp32) to their one-pass kernels; they need no bf16 instructions.
 """
 import ctypes
 import functools
@@ -30,7 +36,7 @@ from mindspore import nn, ops
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bf16_matmul.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -91,7 +97,7 @@ def kernel_library():
         source = f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(b"\0".join([source, ms.__version__.encode(), cxx.encode(), *(v.encode() for v in version)]))
-    path = os.path.join(cache_dir(), "ops", f"bf16_matmul-{key.hexdigest()[:16]}.so")
+    path = os.path.join(cache_dir(), "ops", f"cpu_kernels-{key.hexdigest()[:16]}.so")
     if not os.path.isfile(path):
         _compile(path, cxx, lib_dir)
     allowed = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
@@ -153,10 +159,27 @@ def _matmul_shape(x_shape, w_shape):
     return list(x_shape[:-1]) + [w_shape[0]]
 
 
-def bf16_matmul_op():
-    """ops.Custom: (x (..., K) fp32|bf16, w (N, K) bf16) -> x·wᵀ (..., N) fp32, bf16 products, fp32 sums."""
-    return ops.Custom(f"{bf16_gemm_library()}:Bf16MatMul", out_shape=_matmul_shape,
-                      out_dtype=lambda x, w: ms.float32, func_type="aot")
+def bf16_matmul_op(bias=False, gelu=False):
+    """ops.Custom: (x (..., K) fp32|bf16, w (N, K) bf16[, b (N) fp32]) -> x·wᵀ (+ b) (..., N) fp32, bf16
+    products, fp32 sums; ``gelu`` (needs ``bias``) applies tanh-GELU to the result in the kernel."""
+    if gelu and not bias:
+        raise ValueError("the GELU kernel is the biased one (Bf16MatMulBiasGelu)")
+    name = "Bf16MatMulBiasGelu" if gelu else "Bf16MatMulBias" if bias else "Bf16MatMul"
+    return ops.Custom(f"{bf16_gemm_library()}:{name}", out_shape=lambda x, w, *b: _matmul_shape(x, w),
+                      out_dtype=lambda x, w, *b: ms.float32, func_type="aot")
+
+
+def ada_layer_norm_op():
+    """ops.Custom: (x (B, T, D), shift (B, 1, D), scale (B, 1, D)) fp32 -> LayerNorm(x)·(1 + scale) + shift;
+    LayerNorm without affine, eps 1e-6."""
+    return ops.Custom(f"{kernel_library()}:AdaLayerNorm", out_shape=lambda x, shift, scale: x,
+                      out_dtype=lambda x, shift, scale: ms.float32, func_type="aot")
+
+
+def gated_residual_op():
+    """ops.Custom: (x (B, T, D), gate (B, 1, D), h (B, T, D)) fp32 -> x + gate·h."""
+    return ops.Custom(f"{kernel_library()}:GatedResidual", out_shape=lambda x, gate, h: x,
+                      out_dtype=lambda x, gate, h: ms.float32, func_type="aot")
 
 
 def bf16_to_fp32_op():
@@ -174,31 +197,71 @@ def _to_bf16(param):
 
 
 class Bf16Linear(nn.Cell):
-    """y = x Wᵀ (+ b) with W (out, in) stored in bf16, computed by the bf16 GEMM; fp32 output.
+    """y = x Wᵀ (+ b) (then tanh-GELU) with W (out, in) stored in bf16, computed by the bf16 GEMM.
 
     Holds the layer's own Parameter objects (same names), so checkpoints and LoRA still see them.
-    The bias stays in its dtype (fp32) and is added after the GEMM.
+    The bias stays fp32 and is added in the kernel, as is ``gelu`` (an ``Mlp``'s fc1).
     """
 
-    def __init__(self, weight, bias=None, matmul=None):
+    def __init__(self, weight, bias=None, gelu=False):
         super().__init__()
         _to_bf16(weight)
         self.weight = weight
+        if bias is not None:
+            bias.set_dtype(ms.float32)
         self.bias = bias
         self.has_bias = bias is not None
-        self.matmul = matmul or bf16_matmul_op()
+        self.gelu = gelu
+        if gelu and bias is None:
+            raise ValueError("Bf16Linear(gelu=True) needs a bias")
+        self.matmul = bf16_matmul_op(bias=self.has_bias, gelu=gelu)
 
     def construct(self, x):
         """x (..., in) fp32 or bf16 -> (..., out) in x's dtype."""
-        out = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
         if self.has_bias:
-            out = out + self.bias.astype(out.dtype)
+            out = self.matmul(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        else:
+            out = self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
         out = out.reshape(x.shape[:-1] + (self.weight.shape[0],))
         return out if x.dtype == ms.float32 else out.astype(x.dtype)
 
 
+class Bf16Mlp(nn.Cell):
+    """``Mlp`` with fc1 + GELU as one bf16-GEMM kernel, then fc2: (..., in) -> (..., out)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.fc1 = Bf16Linear(mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        self.fc2 = Bf16Linear(mlp.fc2.weight, mlp.fc2.bias)
+
+    def construct(self, x):
+        return self.fc2(self.fc1(x))
+
+
+class FusedAdaLayerNorm(nn.Cell):
+    """``AdaLayerNorm`` as one kernel: x (B, T, D), shift/scale (B, 1, D) fp32 -> (B, T, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = ada_layer_norm_op()
+
+    def construct(self, x, shift, scale):
+        return self.op(x, shift, scale)
+
+
+class FusedGatedResidual(nn.Cell):
+    """``GatedResidual`` as one kernel: x + gate·h, x/h (B, T, D), gate (B, 1, D) fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = gated_residual_op()
+
+    def construct(self, x, gate, h):
+        return self.op(x, gate, h)
+
+
 def _replaceable(cell):
-    """(weight, bias) of a linear layer that Bf16Linear can replace, else None."""
+    """(weight, bias) of a linear layer that Bf16Linear can replace, else None (an Mlp is swapped whole)."""
     if isinstance(cell, nn.Dense):
         if cell.activation_flag:  # nn.Dense(..., activation=...): not used by the models here
             return None
@@ -220,6 +283,11 @@ def bf16_gemm_layers(model):
     return sum(isinstance(cell, Bf16Linear) for _, cell in model.cells_and_names())
 
 
+def fused_norm_layers(model):
+    """How many of ``model``'s norms and gates run as fused kernels (0 for a plain model)."""
+    return sum(isinstance(cell, (FusedAdaLayerNorm, FusedGatedResidual)) for _, cell in model.cells_and_names())
+
+
 def use_bf16_gemm(model):
     """Swap every linear layer of ``model`` for a bf16-GEMM ``Bf16Linear``, in place.
 
@@ -227,14 +295,45 @@ def use_bf16_gemm(model):
     GEMM is unavailable here. Weights become bf16; everything else (norms, attention, convs,
     biases) keeps its dtype. Call it after the weights are loaded.
     """
+    from pixart.models.pixart import Mlp
+
     if not bf16_gemm_available():
         return 0
-    matmul = bf16_matmul_op()
+    swapped, replaced = 0, set()
+    for parent in [cell for _, cell in model.cells_and_names()]:
+        if id(parent) in replaced:
+            continue
+        for name, child in list(parent.name_cells().items()):
+            if type(child) is Mlp and child.fc1.has_bias and not child.fc1.activation_flag:
+                _set_child(parent, name, Bf16Mlp(child))
+                replaced.add(id(child))
+                swapped += 2
+                continue
+            parts = _replaceable(child)
+            if parts is not None:
+                _set_child(parent, name, Bf16Linear(*parts))
+                swapped += 1
+    return swapped
+
+
+def use_fused_norms(model):
+    """Swap the DiT blocks' ``AdaLayerNorm`` / ``GatedResidual`` for their one-kernel versions, in place.
+
+    For fp32 models on CPU (bf16-GEMM ones included: their activations are fp32). Returns the
+    number swapped; 0 (one warning line, model unchanged) when the kernels cannot be built here.
+    """
+    from pixart.models.pixart import AdaLayerNorm, GatedResidual
+
+    if not _available(kernel_library, "fused norm kernels"):
+        return 0
     swapped = 0
     for parent in [cell for _, cell in model.cells_and_names()]:
         for name, child in list(parent.name_cells().items()):
-            parts = _replaceable(child)
-            if parts is not None:
-                _set_child(parent, name, Bf16Linear(*parts, matmul=matmul))
-                swapped += 1
+            if type(child) is AdaLayerNorm and child.norm.eps == 1e-6:
+                _set_child(parent, name, FusedAdaLayerNorm())
+            elif type(child) is GatedResidual:
+                _set_child(parent, name, FusedGatedResidual())
+            else:
+                continue
+            swapped += 1
     return swapped

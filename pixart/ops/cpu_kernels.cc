@@ -1,0 +1,419 @@
+// bf16 GEMM and a fast bf16 -> fp32 upcast for MindSpore's CPU backend, as ops.Custom AOT kernels.
+//
+// MindSpore 2.7 has no CPU bf16 MatMul, and its CPU bf16 -> fp32 Cast runs at a fraction of memory
+// speed. Both are plain loops or library calls here:
+//   * Bf16MatMul: y (M, N) fp32 = x (M, K) · w (N, K)ᵀ with x fp32 (rounded to bf16 here, round to
+//     nearest even like torch) or bf16, w bf16, fp32 accumulation. The GEMM is oneDNN's
+//     gemm_bf16bf16f32 from the libdnnl.so.2 that ships inside MindSpore (its AVX512-BF16 / AMX
+//     kernels), so nothing beyond MindSpore and a C++ compiler is needed.
+//   * Bf16MatMulBias / Bf16MatMulBiasGelu: the same plus a fp32 bias, and then tanh-GELU (the MLP's
+//     fc1), applied in the kernel instead of as 2-6 more MindSpore ops over the output.
+//   * Bf16ToF32: exact upcast (a 16-bit shift), for fp32 compute on bf16-stored weights.
+//   * AdaLayerNorm: LayerNorm (no affine, eps 1e-6) then x·(1 + scale) + shift, scale/shift per
+//     image: one pass instead of MindSpore's CPU LayerNorm (slow) + Tile + Mul + Add.
+//   * GatedResidual: x + gate·h, gate per image: one pass instead of Tile + Mul + Add.
+// MindSpore's bundled oneDNN is built with the THREADPOOL runtime: its BLAS calls take a
+// threadpool object, which ThreadPool below provides (a fixed set of worker threads).
+//
+// AOT kernel ABI (MindSpore ops.Custom, func_type="aot"): params = inputs then outputs; return 0 on
+// success. pixart_bf16_selftest() is a plain C entry point for the loader's self-check.
+
+#include <immintrin.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+// The abstract threadpool interface of oneDNN 2.x (dnnl_threadpool_iface.hpp): the virtual
+// functions must be declared in this order for the vtable to match the library's.
+namespace dnnl {
+namespace threadpool_interop {
+struct threadpool_iface {
+  virtual int get_num_threads() const = 0;
+  virtual bool get_in_parallel() const = 0;
+  virtual void parallel_for(int n, const std::function<void(int, int)> &fn) = 0;
+  virtual uint64_t get_flags() const = 0;
+  virtual ~threadpool_iface() {}
+};
+}  // namespace threadpool_interop
+}  // namespace dnnl
+
+extern "C" int dnnl_threadpool_interop_gemm_bf16bf16f32(char transa, char transb, int64_t M, int64_t N,
+                                                         int64_t K, float alpha, const uint16_t *A,
+                                                         int64_t lda, const uint16_t *B, int64_t ldb,
+                                                         float beta, float *C, int64_t ldc, void *threadpool);
+
+namespace {
+
+thread_local bool tls_in_pool = false;
+
+// Runs fn(i, n) for i < n on `size` threads (the caller is one of them), synchronously.
+class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
+ public:
+  explicit ThreadPool(int size) : size_(std::max(1, size)), owner_(getpid()) {
+    for (int w = 1; w < size_; ++w) workers_.emplace_back([this, w] { Work(w); });
+  }
+  ~ThreadPool() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto &t : workers_) t.join();
+  }
+  int get_num_threads() const override { return size_; }
+  bool get_in_parallel() const override { return tls_in_pool; }
+  uint64_t get_flags() const override { return 0; }  // synchronous
+  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
+    if (n <= 0) return;
+    // nested, trivial, or in a forked child (which has none of the workers): run inline
+    if (size_ == 1 || n == 1 || tls_in_pool || getpid() != owner_) {
+      for (int i = 0; i < n; ++i) fn(i, n);
+      return;
+    }
+    std::lock_guard<std::mutex> call(call_mutex_);  // one job at a time
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      job_n_ = n;
+      next_.store(0);
+      busy_ = size_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    RunShare();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void RunShare() {
+    tls_in_pool = true;
+    for (int i = next_.fetch_add(1); i < job_n_; i = next_.fetch_add(1)) (*job_)(i, job_n_);
+    tls_in_pool = false;
+  }
+  void Work(int) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+      }
+      RunShare();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+
+  int size_;
+  pid_t owner_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_, call_mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int, int)> *job_ = nullptr;
+  int job_n_ = 0;
+  std::atomic<int> next_{0};
+  int busy_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+int DefaultThreads() {
+  const char *env = std::getenv("PIXART_BF16_THREADS");
+  if (env && std::atoi(env) > 0) return std::atoi(env);
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+ThreadPool &Pool() {
+  static ThreadPool *pool = new ThreadPool(DefaultThreads());  // never destroyed: lives as long as the process
+  return *pool;
+}
+
+// fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Splits [0, count) into one contiguous range per pool thread.
+void ParallelRanges(int64_t count, const std::function<void(int64_t, int64_t)> &body) {
+  ThreadPool &pool = Pool();
+  int parts = static_cast<int>(std::min<int64_t>(pool.get_num_threads(), std::max<int64_t>(1, count / 65536)));
+  if (parts <= 1) {
+    body(0, count);
+    return;
+  }
+  pool.parallel_for(parts, [&](int i, int n) { body(count * i / n, count * (i + 1) / n); });
+}
+
+void ToBf16Array(const float *src, uint16_t *dst, int64_t count) {
+  ParallelRanges(count, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = ToBf16(src[i]);
+  });
+}
+
+int64_t Elements(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
+}
+
+// y = x · wᵀ, x (M, K) bf16, w (N, K) bf16, y (M, N) fp32 row-major.
+int Gemm(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+  return dnnl_threadpool_interop_gemm_bf16bf16f32('N', 'T', M, N, K, 1.0f, x, K, w, K, 0.0f, y, N, &Pool());
+}
+
+#define PIXART_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// fp32 -> bf16 (round to nearest even) with AVX512-BF16; only called where the GEMM runs, which needs it.
+PIXART_AVX512 void ToBf16Avx512(const float *src, uint16_t *dst, int64_t count) {
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    const __m512 lo = _mm512_loadu_ps(src + i), hi = _mm512_loadu_ps(src + i + 16);
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  for (; i < count; ++i) dst[i] = ToBf16(src[i]);
+}
+
+// e^a, |relative error| < 2e-7 for a in [-87, 88] (Cody-Waite reduction, degree-6 Taylor on |r| <= ln2/2).
+PIXART_AVX512 inline __m512 Exp512(__m512 a) {
+  a = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), a);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// tanh-GELU written as v·sigmoid(2√(2/π)(v + 0.044715v³)) = v / (1 + e^-z), the form the models use.
+constexpr float kGeluScale = 1.5957691216057308f;
+
+PIXART_AVX512 void BiasGeluRows(float *y, const float *bias, int64_t rows, int64_t N, bool gelu) {
+  for (int64_t m = 0; m < rows; ++m) {
+    float *row = y + m * N;
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+      __m512 v = _mm512_loadu_ps(row + n);
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+      if (gelu) {
+        const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v);
+        const __m512 e = Exp512(_mm512_mul_ps(_mm512_set1_ps(-kGeluScale), inner));
+        v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      }
+      _mm512_storeu_ps(row + n, v);
+    }
+    for (; n < N; ++n) {
+      float v = row[n] + (bias ? bias[n] : 0.0f);
+      if (gelu) v = v / (1.0f + std::exp(-kGeluScale * (v + 0.044715f * v * v * v)));
+      row[n] = v;
+    }
+  }
+}
+
+// Splits rows [0, M) into one contiguous range per pool thread (rows of `width` floats).
+void ParallelRows(int64_t M, int64_t width, const std::function<void(int64_t, int64_t)> &body) {
+  ThreadPool &pool = Pool();
+  const int parts = static_cast<int>(std::min<int64_t>({pool.get_num_threads(), M, std::max<int64_t>(1, M * width / 16384)}));
+  if (parts <= 1) {
+    body(0, M);
+    return;
+  }
+  pool.parallel_for(parts, [&](int i, int n) { body(M * i / n, M * (i + 1) / n); });
+}
+
+thread_local std::vector<uint16_t> tls_x16;  // the bf16 copy of an fp32 x, reused between calls
+
+// y (M, N) = x · wᵀ (+ bias) (then GELU); x fp32 or bf16 (x_bf16), w bf16.
+int MatMul(const void *x, bool x_bf16, const uint16_t *w, const float *bias, bool gelu, float *y, int64_t M,
+           int64_t N, int64_t K) {
+  if (M == 0 || N == 0) return 0;
+  int status = 0;
+  if (K == 0) {
+    std::memset(y, 0, sizeof(float) * M * N);
+  } else if (x_bf16) {
+    status = Gemm(static_cast<const uint16_t *>(x), w, y, M, N, K);
+  } else {
+    if (tls_x16.size() < static_cast<size_t>(M * K)) tls_x16.resize(static_cast<size_t>(M * K));
+    const float *xf = static_cast<const float *>(x);
+    uint16_t *x16 = tls_x16.data();
+    ParallelRows(M, K, [&](int64_t m0, int64_t m1) { ToBf16Avx512(xf + m0 * K, x16 + m0 * K, (m1 - m0) * K); });
+    status = Gemm(x16, w, y, M, N, K);
+  }
+  if (status != 0 || (!bias && !gelu)) return status;
+  ParallelRows(M, N, [&](int64_t m0, int64_t m1) { BiasGeluRows(y + m0 * N, bias, m1 - m0, N, gelu); });
+  return 0;
+}
+
+bool IsDtype(const char *dtype, const char *name) { return std::strcmp(dtype, name) == 0; }
+
+// Shared checks of the Bf16MatMul* kernels: params = x, w, [bias,] y.
+int MatMulKernel(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias,
+                 bool gelu) {
+  const int out = has_bias ? 3 : 2;
+  if (nparam != out + 1 || ndims[1] != 2 || !IsDtype(dtypes[1], "bfloat16") || !IsDtype(dtypes[out], "float32"))
+    return 1;
+  const int64_t K = shapes[0][ndims[0] - 1], N = shapes[1][0];
+  if (shapes[1][1] != K) return 2;
+  if (has_bias && (!IsDtype(dtypes[2], "float32") || Elements(ndims[2], shapes[2]) != N)) return 4;
+  const bool x_bf16 = IsDtype(dtypes[0], "bfloat16");
+  if (!x_bf16 && !IsDtype(dtypes[0], "float32")) return 3;
+  const int64_t M = Elements(ndims[0], shapes[0]) / (K ? K : 1);
+  return MatMul(params[0], x_bf16, static_cast<const uint16_t *>(params[1]),
+                has_bias ? static_cast<const float *>(params[2]) : nullptr, gelu, static_cast<float *>(params[out]),
+                M, N, K);
+}
+
+}  // namespace
+
+// inputs: x (..., K) float32 or bfloat16, w (N, K) bfloat16; output: y (..., N) float32.
+extern "C" int Bf16MatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return MatMulKernel(nparam, params, ndims, shapes, dtypes, false, false);
+}
+
+// inputs: x (..., K), w (N, K) bfloat16, bias (N) float32; output: y (..., N) float32 = x·wᵀ + bias.
+extern "C" int Bf16MatMulBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return MatMulKernel(nparam, params, ndims, shapes, dtypes, true, false);
+}
+
+// As Bf16MatMulBias, then tanh-GELU.
+extern "C" int Bf16MatMulBiasGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return MatMulKernel(nparam, params, ndims, shapes, dtypes, true, true);
+}
+
+// input: w (any shape) bfloat16; output: the same values as float32 (exact).
+extern "C" int Bf16ToF32(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 2 || std::strcmp(dtypes[0], "bfloat16") != 0 || std::strcmp(dtypes[1], "float32") != 0) return 1;
+  const uint16_t *src = static_cast<const uint16_t *>(params[0]);
+  uint32_t *dst = static_cast<uint32_t *>(params[1]);
+  ParallelRanges(Elements(ndims[0], shapes[0]), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
+  });
+  return 0;
+}
+
+// 0 when the GEMM runs here and gives the exact answer on a small case (all products and sums are
+// exact in fp32), else oneDNN's status (e.g. unimplemented on a CPU without bf16 support) or -1.
+extern "C" int pixart_bf16_selftest() {
+  const int64_t M = 5, N = 33, K = 70;
+  std::vector<float> xf(M * K);
+  std::vector<uint16_t> x(M * K), w(N * K);
+  std::vector<float> y(M * N, -1.0f);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(i % 7) - 3.0f;
+  for (int64_t i = 0; i < N * K; ++i) w[i] = ToBf16(static_cast<float>(i % 5) * 0.5f - 1.0f);
+  ToBf16Array(xf.data(), x.data(), M * K);
+  const int status = Gemm(x.data(), w.data(), y.data(), M, N, K);
+  if (status != 0) return status;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float expected = 0.0f;
+      for (int64_t k = 0; k < K; ++k) expected += xf[m * K + k] * (static_cast<float>((n * K + k) % 5) * 0.5f - 1.0f);
+      if (y[m * N + n] != expected) return -1;
+    }
+  return 0;
+}
+
+// Per-image rows: x (B, T, D) and a per-image vector v (B, 1, D) or (B, D) -> the row's image b = row / T.
+namespace {
+
+bool PerImageShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, int64_t *B, int64_t *T,
+                    int64_t *D) {
+  for (int i = 0; i < nparam; ++i)
+    if (!IsDtype(dtypes[i], "float32")) return false;
+  if (ndims[0] != 3) return false;
+  *B = shapes[0][0], *T = shapes[0][1], *D = shapes[0][2];
+  return true;
+}
+
+bool IsPerImage(int ndim, const int64_t *shape, int64_t B, int64_t D) {
+  return Elements(ndim, shape) == B * D && shape[0] == B && shape[ndim - 1] == D;
+}
+
+}  // namespace
+
+// inputs: x (B, T, D), shift (B, 1, D), scale (B, 1, D) float32; output: LayerNorm(x)·(1 + scale) + shift,
+// LayerNorm over D without affine, eps 1e-6, biased variance (as torch / MindSpore).
+extern "C" int AdaLayerNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  int64_t B, T, D;
+  if (nparam != 4 || !PerImageShapes(nparam, ndims, shapes, dtypes, &B, &T, &D) ||
+      !IsPerImage(ndims[1], shapes[1], B, D) || !IsPerImage(ndims[2], shapes[2], B, D))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *shift = static_cast<const float *>(params[1]), *scale = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  ParallelRows(B * T, D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *row = x + r * D, *sh = shift + (r / T) * D, *sc = scale + (r / T) * D;
+      float *out = y + r * D;
+      double sum = 0.0;
+      for (int64_t d = 0; d < D; ++d) sum += row[d];
+      const float mean = static_cast<float>(sum / D);
+      double squares = 0.0;
+      for (int64_t d = 0; d < D; ++d) squares += static_cast<double>(row[d] - mean) * (row[d] - mean);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(squares / D + 1e-6));
+      for (int64_t d = 0; d < D; ++d) out[d] = (row[d] - mean) * rstd * (1.0f + sc[d]) + sh[d];
+    }
+  });
+  return 0;
+}
+
+// inputs: x (B, T, D), gate (B, 1, D), h (B, T, D) float32; output: x + gate·h.
+extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  int64_t B, T, D;
+  if (nparam != 4 || !PerImageShapes(nparam, ndims, shapes, dtypes, &B, &T, &D) ||
+      !IsPerImage(ndims[1], shapes[1], B, D) || Elements(ndims[2], shapes[2]) != B * T * D)
+    return 1;
+  const float *x = static_cast<const float *>(params[0]), *gate = static_cast<const float *>(params[1]);
+  const float *h = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  ParallelRows(B * T, D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *g = gate + (r / T) * D;
+      for (int64_t d = 0; d < D; ++d) y[r * D + d] = x[r * D + d] + g[d] * h[r * D + d];
+    }
+  });
+  return 0;
+}

@@ -111,7 +111,7 @@ def run_ours(folder, size, steps, cache, dtype_name):
         latents = stage(f"image {k + 1}: denoise", lambda: pipe(
             prompt_embeds=embeds[0][rows], prompt_attention_mask=embeds[1][rows], negative_prompt_embeds=embeds[2][rows],
             negative_prompt_attention_mask=embeds[3][rows], height=size, width=size, num_inference_steps=steps,
-            seed=k, output_type="latent", progress=False).images)
+            seed=k, output_type="latent", use_resolution_binning=False, progress=False).images)
         stage(f"image {k + 1}: decode", lambda: pipe.vae.decode(latents / pipe.vae.scaling_factor).asnumpy())
     return stage.rows, {"text_tokens": int(embeds[0].shape[1])}
 

@@ -139,3 +139,29 @@ def test_load_into_cell_lists_every_problem():
     assert "1 missing (fc.bias)" in msg and "1 unexpected (extra)" in msg
     assert "fc.weight (3, 3) vs model (2, 3)" in msg
     np.testing.assert_array_equal(cell.fc.weight.asnumpy(), np.ones((2, 3)))  # nothing half-loaded
+
+
+def test_file_tensors_of_the_parameter_dtype_are_adopted_without_a_copy_and_never_written_back(tmp_path):
+    """T5's loader maps safetensors copy-on-write: a parameter of the stored dtype uses the mapped
+    pages (no second copy of T5-XXL), writes to it stay in the process, other dtypes are converted."""
+    import functools
+
+    import mindspore as ms
+
+    from pixart.models.t5 import _MappedTensor
+    from pixart.utils.checkpoint import read_safetensors, save_safetensors, to_tensor
+
+    data = np.arange(32, dtype=np.float32).reshape(4, 8)
+    path = str(tmp_path / "w.safetensors")
+    save_safetensors({"w": data}, path)
+    before = open(path, "rb").read()
+    shared_map = functools.lru_cache(maxsize=1)(functools.partial(read_safetensors, path, copy_on_write=True))
+    lazy = _MappedTensor(path, "w", data.shape, data.dtype, shared_map)
+    tensor = to_tensor(lazy, ms.float32)
+    assert np.shares_memory(tensor.asnumpy(), shared_map()["w"])  # adopted, not copied
+    param = ms.Parameter(tensor, name="w")
+    ms.ops.assign(param, ms.Tensor(np.zeros((4, 8), np.float32)))
+    assert not param.asnumpy().any() and open(path, "rb").read() == before  # the file is untouched
+    half = to_tensor(lazy, ms.float16)  # another dtype: a converted copy
+    assert half.dtype == ms.float16 and not np.shares_memory(half.asnumpy(), shared_map()["w"])
+    np.testing.assert_array_equal(half.asnumpy(), data.astype(np.float16))

@@ -66,11 +66,12 @@ def read_safetensors_metadata(path):
     return header.get("__metadata__") or {}
 
 
-def read_safetensors(path):
-    """Memory-map a .safetensors file into ``{name: read-only numpy array}``."""
+def read_safetensors(path, copy_on_write=False):
+    """Memory-map a .safetensors file into ``{name: read-only numpy array}`` (``copy_on_write``:
+    writable arrays whose writes stay private to the process; see ``to_tensor``)."""
     header, data_start = _read_safetensors_header(path)
     header.pop("__metadata__", None)
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    mapped = np.memmap(path, dtype=np.uint8, mode="c" if copy_on_write else "r")
     state = OrderedDict()
     for name, info in header.items():
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
@@ -353,6 +354,14 @@ def _to_numpy(value):
     return value
 
 
+def _numpy_dtype(dtype):
+    """MindSpore float dtype -> numpy dtype (None for others)."""
+    import mindspore as ms
+
+    return {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16),
+            ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}.get(dtype)
+
+
 def _adopt(arr):
     """numpy -> Tensor without a copy when the array owns writable memory (a loader's own copy),
     else a copy (never a Tensor over a read-only file map). ms.Tensor(arr) copies at ~1-2 GB/s."""
@@ -369,12 +378,15 @@ def to_tensor(value, dtype=None):
 
     if isinstance(value, ms.Tensor):
         return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+    private_view = getattr(value, "private_view", None)  # a lazily mapped file tensor of this dtype: no copy
+    if private_view is not None and (dtype is None or _numpy_dtype(dtype) == value.dtype):
+        return ms.from_numpy(private_view())
     arr = np.asarray(value)
     if arr.dtype == ml_dtypes.bfloat16:
         if dtype in (None, ms.bfloat16):  # MindSpore takes ml_dtypes' bf16 as is: no fp32 copy (T5-XXL: 30 s)
             return _adopt(arr)
         return ms.Tensor(arr.astype(np.float32), dtype=dtype)
-    if dtype is None or np.dtype(ms.dtype_to_nptype(dtype)) == arr.dtype:
+    if dtype is None or _numpy_dtype(dtype) == arr.dtype:
         return _adopt(arr)
     if dtype == ms.bfloat16:
         return ms.Tensor(arr.astype(np.float32), dtype=ms.bfloat16)

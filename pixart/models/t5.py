@@ -19,8 +19,9 @@ at a time inside ``Linear`` for fp32 compute; MindSpore's CPU kernels have no bf
 the bf16 upcast is a custom kernel (``pixart.ops.cpu_kernels``, ~10× faster than MindSpore's Cast,
 which cost a third of the encoder's time); ``use_bf16_gemm=True`` instead runs the projections as
 bf16 GEMMs (bf16 products, fp32 sums: about twice the fp32 speed).
-Loading reads one tensor at a time from the memory-mapped safetensors and lets the map go after
-each one, so file pages never pile up in the resident set.
+Loading maps the safetensors copy-on-write: projections kept in their stored dtype use the file's
+pages directly (no second copy of T5-XXL), and tensors converted to another dtype are copied one
+at a time through a map that is dropped after each, so file pages never pile up.
 """
 import functools
 import json

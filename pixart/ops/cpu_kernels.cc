@@ -1,7 +1,8 @@
-// bf16 GEMM and a fast bf16 -> fp32 upcast for MindSpore's CPU backend, as ops.Custom AOT kernels.
+// CPU kernels for MindSpore's CPU backend, as ops.Custom AOT kernels: bf16 GEMM (with bias / GELU),
+// a fast bf16 -> fp32 upcast, and the DiT block's fused adaLN LayerNorm and gated residual.
 //
-// MindSpore 2.7 has no CPU bf16 MatMul, and its CPU bf16 -> fp32 Cast runs at a fraction of memory
-// speed. Both are plain loops or library calls here:
+// MindSpore 2.7 has no CPU bf16 MatMul, its CPU bf16 -> fp32 Cast runs at a fraction of memory
+// speed, and its CPU LayerNorm / broadcasting ops cost more than the GEMMs around them:
 //   * Bf16MatMul: y (M, N) fp32 = x (M, K) · w (N, K)ᵀ with x fp32 (rounded to bf16 here, round to
 //     nearest even like torch) or bf16, w bf16, fp32 accumulation. The GEMM is oneDNN's
 //     gemm_bf16bf16f32 from the libdnnl.so.2 that ships inside MindSpore (its AVX512-BF16 / AMX

@@ -362,16 +362,6 @@ def _numpy_dtype(dtype):
             ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}.get(dtype)
 
 
-def _adopt(arr):
-    """numpy -> Tensor without a copy when the array owns writable memory (a loader's own copy),
-    else a copy (never a Tensor over a read-only file map). ms.Tensor(arr) copies at ~1-2 GB/s."""
-    import mindspore as ms
-
-    if arr.flags.owndata and arr.flags.writeable and arr.flags.c_contiguous:
-        return ms.from_numpy(arr)
-    return ms.Tensor(np.ascontiguousarray(arr))
-
-
 def to_tensor(value, dtype=None):
     """numpy array (bf16 included) or Tensor -> MindSpore Tensor of ``dtype`` (default: its own)."""
     import mindspore as ms
@@ -383,11 +373,11 @@ def to_tensor(value, dtype=None):
         return ms.from_numpy(private_view())
     arr = np.asarray(value)
     if arr.dtype == ml_dtypes.bfloat16:
-        if dtype in (None, ms.bfloat16):  # MindSpore takes ml_dtypes' bf16 as is: no fp32 copy (T5-XXL: 30 s)
-            return _adopt(arr)
+        if dtype in (None, ms.bfloat16):  # MindSpore takes ml_dtypes' bf16 as is: no fp32 round trip
+            return ms.Tensor(np.ascontiguousarray(arr))
         return ms.Tensor(arr.astype(np.float32), dtype=dtype)
     if dtype is None or _numpy_dtype(dtype) == arr.dtype:
-        return _adopt(arr)
+        return ms.Tensor(np.ascontiguousarray(arr))  # a copy: a state dict loaded twice never aliases
     if dtype == ms.bfloat16:
         return ms.Tensor(arr.astype(np.float32), dtype=ms.bfloat16)
     return ms.Tensor(np.ascontiguousarray(arr), dtype=dtype)

@@ -165,3 +165,33 @@ def test_file_tensors_of_the_parameter_dtype_are_adopted_without_a_copy_and_neve
     half = to_tensor(lazy, ms.float16)  # another dtype: a converted copy
     assert half.dtype == ms.float16 and not np.shares_memory(half.asnumpy(), shared_map()["w"])
     np.testing.assert_array_equal(half.asnumpy(), data.astype(np.float16))
+
+
+def test_load_into_cell_copies_unless_told_to_adopt(tmp_path):
+    """By default a state dict is copied (loading it twice never aliases); ``adopt=True`` takes
+    writable arrays of the parameter dtype as they are, and still copies read-only file views."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from pixart.utils.checkpoint import read_safetensors, save_safetensors
+
+    class Cell(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w = ms.Parameter(ms.Tensor(np.zeros((4, 8), np.float32)), name="w")
+
+    data = np.arange(32, dtype=np.float32).reshape(4, 8)
+    path = str(tmp_path / "w.safetensors")
+    save_safetensors({"w": data}, path)
+    for state, adopt, shared in ((read_safetensors(path), False, False),
+                                 (read_safetensors(path, copy_on_write=True), False, False),
+                                 (read_safetensors(path), True, False),  # read-only map: copied
+                                 (read_safetensors(path, copy_on_write=True), True, True)):
+        cell = Cell()
+        load_into_cell(cell, state, adopt=adopt)
+        np.testing.assert_array_equal(cell.w.asnumpy(), data)
+        assert np.shares_memory(cell.w.asnumpy(), state["w"]) == shared, (adopt, shared)
+    owned = {"w": data.copy()}
+    cell = Cell()
+    load_into_cell(cell, owned, adopt=True)
+    assert np.shares_memory(cell.w.asnumpy(), owned["w"])

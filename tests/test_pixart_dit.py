@@ -69,6 +69,32 @@ def test_square_and_non_square_match_diffusers(diffusers_folder, h, w):
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
+def test_loaded_weights_use_the_file_pages_yet_models_never_share_or_write_them(diffusers_folder):
+    """from_pretrained adopts the file's copy-on-write pages (no 2.4 GB copy for XL-2): a weight
+    is a view of a private map; a second model from the same file gets its own, a write to one
+    model reaches neither the other nor the file, and the weights outlive every loader object."""
+    import gc
+
+    weights = os.path.join(diffusers_folder, "diffusion_pytorch_model.safetensors")
+    before = open(weights, "rb").read()
+    first, second = from_pretrained(diffusers_folder), from_pretrained(diffusers_folder)
+    gc.collect()
+    name = "blocks.0.mlp.fc1.weight"  # a weight stored as is (not a fused q/k/v)
+    param = dict(first.parameters_and_names())[name]
+    address = param.asnumpy().ctypes.data
+    with open("/proc/self/maps") as f:  # lines "start-end perms offset dev inode path"
+        mapped = [line.split()[0].split("-") for line in f if line.rstrip().endswith(os.path.realpath(weights))]
+    assert any(int(lo, 16) <= address < int(hi, 16) for lo, hi in mapped)  # the file's pages, uncopied
+    expected = param.asnumpy().copy()
+    ms.ops.assign(param, ms.Tensor(np.zeros(param.shape, np.float32)))
+    assert not param.asnumpy().any()
+    np.testing.assert_array_equal(dict(second.parameters_and_names())[name].asnumpy(), expected)
+    assert open(weights, "rb").read() == before
+    x, t, y, mask = inputs()
+    ref = torch_forward(PixArtTransformer2DModel.from_pretrained(diffusers_folder).eval(), x, t, y, mask)
+    np.testing.assert_allclose(ms_forward(second, x, t, y, mask), ref, atol=1e-5, rtol=0)
+
+
 def test_text_mask_is_honoured(diffusers_folder):
     """Padding tokens change nothing; different masks give different outputs for the same input."""
     model = from_pretrained(diffusers_folder)

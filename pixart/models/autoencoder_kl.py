@@ -479,10 +479,10 @@ class AutoencoderKL(nn.Cell):
         try:
             if weights is None:  # sharded or oddly named weights: let the shared loader find them
                 weights = find_weight_files(folder)[0]
-                state = read_state_dict(folder)
+                state = read_state_dict(folder, copy_on_write=True)
             else:
-                state = read_state_dict(weights)
-            load_into_cell(model, state, source=f"{weights} (with {config_path})")
+                state = read_state_dict(weights, copy_on_write=True)
+            load_into_cell(model, state, source=f"{weights} (with {config_path})", adopt=True)
         except CheckpointError as err:
             raise CheckpointError(f"{err}; {WEIGHTS_HINT}") from None
         return model

@@ -209,13 +209,14 @@ def infer_config(state):
     return config
 
 
-def load_pixart_state(path, use_ema=False):
+def load_pixart_state(path, use_ema=False, copy_on_write=False):
     """Read PixArt weights from a .ckpt/.pth/.safetensors file or a diffusers ``transformer/`` folder.
 
     Returns ``(state, config)``: original-layout tensors (pos_embed dropped) and the architecture
     arguments known from the source (a diffusers config.json, a .ckpt's stored config, or the keys).
+    ``copy_on_write``: see ``read_state_dict``.
     """
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, copy_on_write=copy_on_write)
     stored = raw.pop("pixart_config", None)
     if stored is None and os.path.isfile(path) and path.endswith(".safetensors"):
         stored = read_safetensors_metadata(path).get("pixart_config")  # --to original files
@@ -271,15 +272,17 @@ def from_pretrained(path, use_ema=False, strict=True, **overrides):
     one; KV-compression layers the weights lack keep their initialisation (an average pool and an
     identity LayerNorm), as the original code does with published non-KV weights.
     """
-    state, config = load_pixart_state(path, use_ema=use_ema)
+    # The state dict is this model's alone: it adopts the file's pages (copy-on-write) and the
+    # fused q/k/v arrays instead of copying them (2.4 GB for XL-2: ~4 s of a 9 s load).
+    state, config = load_pixart_state(path, use_ema=use_ema, copy_on_write=True)
     model = build_pixart(config, initialize=False, **overrides)
     initialise = {name for name, _ in model.parameters_and_names() if name not in state and
                   (".attn.sr." in name or ".attn.norm." in name or name == "y_embedder.y_embedding")}
     model.initialize_weights(names=initialise)
     for name, param in model.parameters_and_names():
         if name in initialise:
-            state[name] = param.asnumpy()
-    load_into_cell(model, state, source=path, strict=strict)
+            state[name] = np.array(param.asnumpy())
+    load_into_cell(model, state, source=path, strict=strict, adopt=True)
     return model
 
 

@@ -260,17 +260,18 @@ def find_weight_files(path):
     raise CheckpointError(f"no weights in folder {path} (expected *.safetensors, *.bin, *.ckpt or *.pth)")
 
 
-def read_state_dict(path):
+def read_state_dict(path, copy_on_write=False):
     """Read any supported weights source into one flat ``{name: array}`` dict.
 
     A ``.pth`` holding ``{"state_dict": ...}`` is returned as is (a nested dict); use
-    ``unwrap_state_dict`` to pick the sub-dict.
+    ``unwrap_state_dict`` to pick the sub-dict. ``copy_on_write``: safetensors arrays are
+    writable private maps of the file, which ``load_into_cell(..., adopt=True)`` takes without a copy.
     """
     state = OrderedDict()
     for file in find_weight_files(path):
         suffix = os.path.splitext(file)[1]
         if suffix == ".safetensors":
-            part = read_safetensors(file)
+            part = read_safetensors(file, copy_on_write=copy_on_write)
         elif suffix == ".ckpt":
             part = read_ckpt(file)
         elif suffix in (".pth", ".pt", ".bin"):
@@ -315,12 +316,14 @@ def unwrap_state_dict(obj, use_ema=False, source="checkpoint"):
     return obj
 
 
-def load_into_cell(cell, state, source="checkpoint", strict=True):
+def load_into_cell(cell, state, source="checkpoint", strict=True, adopt=False):
     """Copy ``state`` into the cell's parameters by name, casting to each parameter's dtype.
 
     Missing, unexpected or mis-shaped tensors raise one CheckpointError that lists them, so a
     wrong file never loads partially. With ``strict=False`` only the names present in both are
-    loaded (for adapters and partial state) and the lists are returned instead.
+    loaded (for adapters and partial state) and the lists are returned instead. ``adopt``: the
+    caller hands the arrays over (a state dict it made for this cell alone, e.g. read with
+    ``copy_on_write``): writable arrays of the parameter's dtype become its storage, uncopied.
     """
     params = OrderedDict(cell.parameters_and_names())
     missing = [k for k in params if k not in state]
@@ -336,7 +339,7 @@ def load_into_cell(cell, state, source="checkpoint", strict=True):
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
     for name, param in params.items():
         if name in state:
-            param.set_data(to_tensor(state[name], param.dtype))
+            param.set_data(to_tensor(state[name], param.dtype, adopt=adopt))
     return missing, unexpected
 
 
@@ -362,8 +365,12 @@ def _numpy_dtype(dtype):
             ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}.get(dtype)
 
 
-def to_tensor(value, dtype=None):
-    """numpy array (bf16 included) or Tensor -> MindSpore Tensor of ``dtype`` (default: its own)."""
+def to_tensor(value, dtype=None, adopt=False):
+    """numpy array (bf16 included) or Tensor -> MindSpore Tensor of ``dtype`` (default: its own).
+
+    A copy, unless ``adopt`` and the array is writable, C-contiguous and of that dtype: then the
+    tensor uses the array's memory (the caller must not use the array afterwards).
+    """
     import mindspore as ms
 
     if isinstance(value, ms.Tensor):
@@ -377,7 +384,11 @@ def to_tensor(value, dtype=None):
             return ms.Tensor(np.ascontiguousarray(arr))
         return ms.Tensor(arr.astype(np.float32), dtype=dtype)
     if dtype is None or _numpy_dtype(dtype) == arr.dtype:
-        return ms.Tensor(np.ascontiguousarray(arr))  # a copy: a state dict loaded twice never aliases
+        if adopt and arr.flags.writeable and arr.flags.c_contiguous:
+            return ms.from_numpy(arr)
+        # A copy, so a state dict loaded twice never aliases; numpy's copy + from_numpy is ~10x
+        # faster than ms.Tensor(array) on a mapped file.
+        return ms.from_numpy(np.array(arr, order="C"))
     if dtype == ms.bfloat16:
         return ms.Tensor(arr.astype(np.float32), dtype=ms.bfloat16)
     return ms.Tensor(np.ascontiguousarray(arr), dtype=dtype)

@@ -246,3 +246,68 @@ def test_pipeline_fuses_norms_on_cpu_and_the_compile_cache_tells_the_variants_ap
         assert pipe(**kwargs).images[0].shape == (32, 32, 3)
     assert [s["fused_norm_layers"] for s in signatures] == [4 * len(pipe.transformer.blocks)] * 2
     assert signatures[0]["bf16_gemm_layers"] == 0 < signatures[1]["bf16_gemm_layers"]
+
+
+@pytest.mark.parametrize("k,stride,padding,shape", [(3, 1, 1, (2, 5, 9, 11)), (1, 1, 0, (1, 6, 4, 7)),
+                                                    (3, 2, 0, (1, 5, 9, 8)), (2, 2, 0, (2, 3, 6, 6))])
+def test_bf16_conv2d_equals_fp32_conv_of_bf16_operands(k, stride, padding, shape):
+    """im2col + the bf16 GEMM (borders, strides, 1×1 and odd sizes) against torch's fp32 conv of the
+    same bf16-rounded input and weight, plus the fp32 bias."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32) * 3
+    w = rng.standard_normal((7, shape[1], k, k)).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    conv = nn.Conv2d(shape[1], 7, k, stride=stride, pad_mode="pad" if padding else "valid", padding=padding,
+                     has_bias=True)
+    conv.weight.set_data(ms.Tensor(w))
+    conv.bias.set_data(ms.Tensor(b))
+    fp32 = conv(ms.Tensor(x)).asnumpy()
+    layer = cpu_kernels.Bf16Conv2d(conv)
+    assert layer.weight is conv.weight and layer.weight.dtype == ms.bfloat16
+    out = layer(ms.Tensor(x)).asnumpy()
+    expected = torch.nn.functional.conv2d(torch.from_numpy(_round_bf16(x)), torch.from_numpy(_round_bf16(w)),
+                                          torch.from_numpy(b), stride=stride, padding=padding).numpy()
+    assert out.shape == expected.shape == fp32.shape
+    assert _rel_err(out, expected) < 1e-6
+    assert 1e-4 < _rel_err(out, fp32) < 2e-2  # bf16 operands: close to fp32, not equal
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_kernel_matches_torch(silu):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 12, 5, 70)).astype(np.float32) * 2 + 3  # 350 values per channel: tails
+    gamma, beta = (rng.standard_normal(12).astype(np.float32) for _ in range(2))
+    config = ms.Tensor(np.array([4, 1e-6, float(silu)], np.float32))
+    out = cpu_kernels.group_norm_op()(ms.Tensor(x), ms.Tensor(gamma), ms.Tensor(beta), config).asnumpy()
+    x64 = torch.from_numpy(x).double()
+    expected = torch.nn.functional.group_norm(x64, 4, torch.from_numpy(gamma).double(),
+                                              torch.from_numpy(beta).double(), eps=1e-6)
+    if silu:
+        expected = torch.nn.functional.silu(expected)
+    np.testing.assert_allclose(out, expected.numpy(), rtol=0, atol=2e-6)
+    assert (out < 0).any()
+
+
+def test_vae_kernels_match_diffusers(tmp_path):
+    """use_fused_norms (GroupNorm + SiLU) keeps the VAE at fp32 parity; use_bf16_gemm(convs=True)
+    (sample.py --dtype bf16) stays closer to diffusers fp32 than diffusers bf16 does."""
+    from pixart.models.autoencoder_kl import AutoencoderKL
+    from tiny_models import VAE_CONFIGS, tiny_vae_variant
+
+    ref = tiny_vae_variant(VAE_CONFIGS["sd_like"])
+    ref.save_pretrained(str(tmp_path), safe_serialization=True)
+    z = np.random.default_rng(5).standard_normal((1, 4, 6, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref.decode(torch.from_numpy(z)).sample.numpy()
+        bf16 = ref.to(torch.bfloat16).decode(torch.from_numpy(z).bfloat16()).sample.float().numpy()
+    model = AutoencoderKL.from_pretrained(str(tmp_path))
+    # 2 per resnet (encoder 4 levels × 2 resnets, decoder 4 × 3), each mid block 2 resnets + attention, 2 outputs
+    assert use_fused_norms(model) == fused_norm_layers(model) == 2 * (4 * 2 + 4 * 3) + 2 * 5 + 2
+    np.testing.assert_allclose(model.decode(z).asnumpy(), expected, rtol=0, atol=1e-4)
+    swapped = cpu_kernels.use_bf16_gemm(model, convs=True)
+    convs = sum(isinstance(c, cpu_kernels.Bf16Conv2d) for _, c in model.cells_and_names())
+    assert swapped == bf16_gemm_layers(model) and convs > 40 and not any(
+        isinstance(c, (nn.Conv2d, nn.Dense)) for _, c in model.cells_and_names())
+    out = model.decode(z).asnumpy()
+    assert np.abs(expected).max() > 0.1
+    assert 1e-4 < np.abs(out - expected).max() < np.abs(bf16 - expected).max()

@@ -153,19 +153,21 @@ class GroupNorm(nn.Cell):
     """GroupNorm over (N, C, H, W) with parameters named ``weight``/``bias`` (diffusers' keys).
 
     Statistics are always computed in fp32: a half-precision mean/variance over a 128×1024×1024
-    activation loses most of its digits. The result is cast back to the input dtype.
+    activation loses most of its digits. The result is cast back to the input dtype. ``silu``:
+    SiLU follows (every VAE norm but the attention's), so on CPU both run as one kernel
+    (``pixart.ops.cpu_kernels.use_fused_norms``).
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-6):
+    def __init__(self, num_groups, num_channels, eps=1e-6, silu=False):
         super().__init__()
-        self.num_groups, self.eps = num_groups, eps
+        self.num_groups, self.eps, self.silu = num_groups, eps, silu
         self.weight = Parameter(ms.Tensor(np.ones(num_channels, np.float32)), name="weight")
         self.bias = Parameter(ms.Tensor(np.zeros(num_channels, np.float32)), name="bias")
 
     def construct(self, x):
         out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.weight.astype(ms.float32),
                              self.bias.astype(ms.float32), self.eps)  # fused kernel, one op
-        return out.astype(x.dtype)
+        return (ops.silu(out) if self.silu else out).astype(x.dtype)
 
 
 class ResnetBlock(nn.Cell):
@@ -175,15 +177,15 @@ class ResnetBlock(nn.Cell):
 
     def __init__(self, in_channels, out_channels, groups, eps=1e-6):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
         self.conv1 = _conv(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels, eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
         self.conv2 = _conv(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = _conv(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def construct(self, x):
-        h = self.conv1(ops.silu(self.norm1(x)))
-        h = self.conv2(ops.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return skip + h
 
@@ -308,7 +310,7 @@ class Encoder(nn.Cell):
             DownBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block, groups, i < len(chans) - 1)
             for i in range(len(chans))])
         self.mid_block = MidBlock(chans[-1], groups, cfg.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(groups, chans[-1])
+        self.conv_norm_out = GroupNorm(groups, chans[-1], silu=True)
         self.conv_out = _conv(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def construct(self, x):
@@ -316,7 +318,7 @@ class Encoder(nn.Cell):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(ops.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x))
 
 
 class Decoder(nn.Cell):
@@ -331,14 +333,14 @@ class Decoder(nn.Cell):
         self.up_blocks = nn.CellList([
             UpBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block + 1, groups, i < len(chans) - 1)
             for i in range(len(chans))])
-        self.conv_norm_out = GroupNorm(groups, chans[-1])
+        self.conv_norm_out = GroupNorm(groups, chans[-1], silu=True)
         self.conv_out = _conv(chans[-1], cfg.out_channels, 3, padding=1)
 
     def construct(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(ops.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x))
 
 
 # ----------------------------------------------------------------------------- posterior

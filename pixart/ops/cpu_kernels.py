@@ -33,6 +33,7 @@ import tempfile
 
 import ml_dtypes
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,27 @@ def bf16_to_fp32_op():
                       func_type="aot")
 
 
+def _conv_shape(stride, padding):
+    def out_shape(x, w, b, config):
+        k = w[2]
+        return [x[0], w[0], (x[2] + 2 * padding - k) // stride + 1, (x[3] + 2 * padding - k) // stride + 1]
+    return out_shape
+
+
+def bf16_conv2d_op(stride, padding):
+    """ops.Custom: (x (N, C, H, W) fp32, w (O, C, k, k) bf16, b (O) fp32, config (2) int32 = (stride,
+    padding)) -> the convolution (N, O, Ho, Wo) fp32: im2col + the bf16 GEMM, fp32 sums."""
+    return ops.Custom(f"{bf16_gemm_library()}:Bf16Conv2d", out_shape=_conv_shape(stride, padding),
+                      out_dtype=lambda *args: ms.float32, func_type="aot")
+
+
+def group_norm_op():
+    """ops.Custom: (x (N, C, ...), gamma (C), beta (C), config (3) = (groups, eps, silu)) fp32 ->
+    GroupNorm(x)·gamma + beta, then SiLU when config[2] is 1."""
+    return ops.Custom(f"{kernel_library()}:GroupNormSilu", out_shape=lambda x, gamma, beta, config: x,
+                      out_dtype=lambda *args: ms.float32, func_type="aot")
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -241,6 +263,48 @@ class Bf16Mlp(nn.Cell):
         return self.fc2(self.fc1(x))
 
 
+def _conv_geometry(conv):
+    """(stride, padding) of an nn.Conv2d the bf16 kernel computes, else None (groups, dilation,
+    non-square kernels, strides or paddings, no bias)."""
+    padding = conv.padding if isinstance(conv.padding, int) else tuple(conv.padding)
+    if isinstance(padding, tuple):
+        padding = padding[0] if len(set(padding)) == 1 else None
+    square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+    if (conv.group != 1 or tuple(conv.dilation) != (1, 1) or not square or not conv.has_bias or padding is None
+            or conv.pad_mode not in ("pad", "valid") or conv.data_format != "NCHW"):
+        return None
+    return int(conv.stride[0]), int(padding) if conv.pad_mode == "pad" else 0
+
+
+class Bf16Conv2d(nn.Cell):
+    """An ``nn.Conv2d`` (NCHW, with bias) as im2col + the bf16 GEMM: (N, C, H, W) fp32 -> (N, O, Ho, Wo)
+    fp32. Holds the layer's own Parameters (same names); the weight becomes bf16, the bias stays fp32."""
+
+    def __init__(self, conv):
+        super().__init__()
+        stride, padding = _conv_geometry(conv)
+        _to_bf16(conv.weight)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.config = ms.Tensor(np.array([stride, padding], np.int32))
+        self.op = bf16_conv2d_op(stride, padding)
+
+    def construct(self, x):
+        return self.op(x, self.weight, self.bias, self.config)
+
+
+class FusedGroupNorm(nn.Cell):
+    """The VAE's ``GroupNorm`` (SiLU included when it has one) as one kernel, (N, C, H, W) fp32."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.weight, self.bias = norm.weight, norm.bias
+        self.config = ms.Tensor(np.array([norm.num_groups, norm.eps, float(norm.silu)], np.float32))
+        self.op = group_norm_op()
+
+    def construct(self, x):
+        return self.op(x, self.weight, self.bias, self.config)
+
+
 class FusedAdaLayerNorm(nn.Cell):
     """``AdaLayerNorm`` as one kernel: x (B, T, D), shift/scale (B, 1, D) fp32 -> (B, T, D)."""
 
@@ -283,20 +347,22 @@ def _set_child(parent, name, child):
 
 def bf16_gemm_layers(model):
     """How many of ``model``'s layers run as bf16 GEMMs (0 for a plain model)."""
-    return sum(isinstance(cell, Bf16Linear) for _, cell in model.cells_and_names())
+    return sum(isinstance(cell, (Bf16Linear, Bf16Conv2d)) for _, cell in model.cells_and_names())
 
 
 def fused_norm_layers(model):
     """How many of ``model``'s norms and gates run as fused kernels (0 for a plain model)."""
-    return sum(isinstance(cell, (FusedAdaLayerNorm, FusedGatedResidual)) for _, cell in model.cells_and_names())
+    return sum(isinstance(cell, (FusedAdaLayerNorm, FusedGatedResidual, FusedGroupNorm))
+               for _, cell in model.cells_and_names())
 
 
-def use_bf16_gemm(model):
-    """Swap every linear layer of ``model`` for a bf16-GEMM ``Bf16Linear``, in place.
+def use_bf16_gemm(model, convs=False):
+    """Swap every linear layer of ``model`` for a bf16-GEMM ``Bf16Linear`` (and with ``convs`` every
+    convolution for a ``Bf16Conv2d``: the VAE), in place.
 
     Returns the number of layers swapped; 0 (after one warning line, model unchanged) when the
-    GEMM is unavailable here. Weights become bf16; everything else (norms, attention, convs,
-    biases) keeps its dtype. Call it after the weights are loaded.
+    GEMM is unavailable here. Weights become bf16; everything else (norms, attention, biases, and
+    convs unless asked) keeps its dtype. Call it after the weights are loaded.
     """
     from pixart.models.pixart import Mlp
 
@@ -312,6 +378,10 @@ def use_bf16_gemm(model):
                 replaced.add(id(child))
                 swapped += 2
                 continue
+            if convs and isinstance(child, nn.Conv2d) and _conv_geometry(child) is not None:
+                _set_child(parent, name, Bf16Conv2d(child))
+                swapped += 1
+                continue
             parts = _replaceable(child)
             if parts is not None:
                 _set_child(parent, name, Bf16Linear(*parts))
@@ -320,11 +390,13 @@ def use_bf16_gemm(model):
 
 
 def use_fused_norms(model):
-    """Swap the DiT blocks' ``AdaLayerNorm`` / ``GatedResidual`` for their one-kernel versions, in place.
+    """Swap the DiT blocks' ``AdaLayerNorm`` / ``GatedResidual`` and the VAE's ``GroupNorm`` for their
+    one-kernel versions, in place.
 
     For fp32 models on CPU (bf16-GEMM ones included: their activations are fp32). Returns the
     number swapped; 0 (one warning line, model unchanged) when the kernels cannot be built here.
     """
+    from pixart.models.autoencoder_kl import GroupNorm
     from pixart.models.pixart import AdaLayerNorm, GatedResidual
 
     if not _available(kernel_library, "fused norm kernels"):
@@ -336,6 +408,8 @@ def use_fused_norms(model):
                 _set_child(parent, name, FusedAdaLayerNorm())
             elif type(child) is GatedResidual:
                 _set_child(parent, name, FusedGatedResidual())
+            elif type(child) is GroupNorm and child.weight.dtype == ms.float32:
+                _set_child(parent, name, FusedGroupNorm(child))
             else:
                 continue
             swapped += 1

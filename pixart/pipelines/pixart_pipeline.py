@@ -147,8 +147,9 @@ class PixArtSigmaPipeline:
         base resolution and the published pe_interpolation for it and this pipeline's version (α 256
         is 1.0, Σ 256 0.5; ``pe_interpolation`` overrides). ``lora`` (a path or ``load_lora``'s result)
         is merged into the DiT each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the
-        DiT's and T5's linear layers run as bf16 GEMMs with bf16 weights (``pixart.ops.cpu_kernels``;
-        fp32 where unavailable). On CPU an fp32 DiT's norms and gates run as fused kernels."""
+        DiT's and T5's linear layers and the VAE's convolutions run as bf16 GEMMs with bf16 weights
+        (``pixart.ops.cpu_kernels``; fp32 where unavailable). On CPU an fp32 DiT's norms and gates,
+        and an fp32 VAE's GroupNorm + SiLU, run as fused kernels."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -177,8 +178,16 @@ class PixArtSigmaPipeline:
             model.set_train(False)
             return model
 
-        return cls(transformer=transformer,
-                   vae=lambda: _tiled_vae(AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype), vae_tile_size),
+        def vae():
+            model = AutoencoderKL.from_pretrained(vae_root, dtype=vae_dtype)
+            if ms.get_context("device_target") == "CPU" and model.compute_dtype == ms.float32:
+                from pixart.ops import cpu_kernels
+                if use_bf16_gemm:
+                    cpu_kernels.use_bf16_gemm(model, convs=True)
+                cpu_kernels.use_fused_norms(model)
+            return _tiled_vae(model, vae_tile_size)
+
+        return cls(transformer=transformer, vae=vae,
                    tokenizer=lambda: PromptTokenizer.from_pretrained(tokenizer_root),
                    text_encoder=lambda: T5Encoder.from_pretrained(text_encoder_root, dtype=text_encoder_dtype,
                                                                  backend=attention_backend, use_bf16_gemm=use_bf16_gemm),

@@ -11,6 +11,11 @@ negative prompt, is released, the DiT and VAE load, image 1 is denoised and deco
 image, cold), then image 2 (warm). This project runs twice: with an empty compile cache and
 again with the cache the first run filled (the second sample.py run of a user). Reported per
 stage in seconds, and peak RSS (target for this project: <= 12 GiB).
+
+Every run starts from the same page-cache state (``--file_cache``): "warm" reads every weight file
+once before each run (the files cached, as on a user's machine between runs), "cold" drops the
+page cache before each run (needs root; the first run after a boot). Without it, whichever
+framework runs later finds the files the earlier one read.
 """
 import argparse
 import json
@@ -162,6 +167,23 @@ def worker(args):
 # ----------------------------------------------------------------------------- the run
 
 
+def set_file_cache(folder, state):
+    """Before a run: every file of ``folder`` read once ("warm") or the page cache dropped ("cold")."""
+    if state == "cold":
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+        except OSError as err:
+            sys.exit(f"--file_cache cold needs root to drop the page cache ({err.strerror})")
+        return
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def first_image(rows):
     return sum(v for k, v in rows.items() if not k.startswith("image 2"))
 
@@ -179,6 +201,8 @@ def main():
                    help="ours = fp32; ours-bf16 = sample.py --dtype bf16 (bf16 GEMMs on CPU)")
     p.add_argument("--folder", help="where the random components go (default: a temp dir)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--file_cache", choices=["warm", "cold"], default="warm",
+                   help="page cache before each run: the weight files read once (warm) or dropped (cold, root)")
     p.add_argument("--worker", dest="framework", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -203,6 +227,7 @@ def main():
                 else:
                     runs.append((f"diffusers {name.split('-')[1]}", name))
             for label, name in runs:
+                set_file_cache(folder, args.file_cache)
                 print(f"{size}²: {label}", file=sys.stderr, flush=True)
                 cmd = [sys.executable, "-m", "benchmarks.bench_pipeline", "--worker", name, "--size", str(size),
                        "--steps", str(args.steps), "--folder", folder, "--cache", cache]
@@ -223,7 +248,8 @@ def report(results, args):
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
           f"MindSpore {ms.__version__}, PyTorch {torch.__version__}; {args.steps} steps, CFG, prompts of "
-          f"{len(PROMPTS[0].split())}-{len(PROMPTS[1].split())} words")
+          f"{len(PROMPTS[0].split())}-{len(PROMPTS[1].split())} words; weight files {args.file_cache} in the "
+          "page cache before each run")
     for size in args.sizes:
         rows = {label: r for (s, label), r in results.items() if s == size}
         bf16 = rows.get("diffusers bf16", {}).get("stages")

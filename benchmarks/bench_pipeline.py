@@ -103,6 +103,10 @@ def run_ours(folder, size, steps, cache, dtype_name):
     import mindspore as ms
 
     from pixart.pipelines.config import PipelineConfig
+    # Imports before the clock, as the diffusers worker's: the modules the pipeline imports lazily,
+    # and transformers (the tokenizer's; 2-4 s with torch installed).
+    from pixart.models import autoencoder_kl, pixart, t5, tokenizer  # noqa: F401
+    from transformers import T5Tokenizer  # noqa: F401
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -18,7 +18,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from pixart.models import tokenizer as tokenizer_module
 from pixart.models.t5 import Linear, T5Encoder, relative_position_buckets
-from pixart.ops.cpu_kernels import Bf16Linear
+from pixart.ops.cpu_kernels import Bf16GatedFeedForward, Bf16Linear
 from pixart.models.tokenizer import PromptTokenizer, encode_prompts, preprocess_text
 from pixart.utils.checkpoint import load_into_cell, read_safetensors, save_safetensors
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -212,6 +212,8 @@ def test_use_bf16_gemm_matches_transformers(tmp_path, checkpoint_dtype):
     assert len(layers) == 3 * 7 and not any(isinstance(c, Linear) for _, c in encoder.cells_and_names())
     assert all(c.weight.dtype == ms.bfloat16 for c in layers)
     assert names == {n for n, _ in encoder.parameters_and_names()}
+    # v1.1's gated GELU: wi_0, wi_1 and the gating in one kernel (Bf16GatedFeedForward)
+    assert sum(isinstance(c, Bf16GatedFeedForward) for _, c in encoder.cells_and_names()) == 3
     ids, mask = _inputs(256)
     out = _ours(encoder, ids, mask)
     exact = _reference(with_bf16_rounded_linears(T5EncoderModel.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()),

@@ -190,6 +190,12 @@ def bf16_to_fp32_op():
                       func_type="aot")
 
 
+def bf16_gated_gelu_op():
+    """ops.Custom: (x (..., K) fp32, w0 (N, K), w1 (N, K) bf16) -> tanh-GELU(x·w0ᵀ)·(x·w1ᵀ) (..., N) fp32."""
+    return ops.Custom(f"{bf16_gemm_library()}:Bf16GatedGelu", out_shape=lambda x, w0, w1: _matmul_shape(x, w0),
+                      out_dtype=lambda *args: ms.float32, func_type="aot")
+
+
 def _conv_shape(stride, padding):
     def out_shape(x, w, b, config):
         k = w[2]
@@ -261,6 +267,21 @@ class Bf16Mlp(nn.Cell):
 
     def construct(self, x):
         return self.fc2(self.fc1(x))
+
+
+class Bf16GatedFeedForward(nn.Cell):
+    """T5 v1.1's gated tanh-GELU ``FeedForward``, wo(GELU(wi_0 x) · wi_1 x): the two input GEMMs and
+    the gating as one kernel, then wo. (..., D) -> (..., D); the Linears' own Parameters, in bf16."""
+
+    def __init__(self, ff):
+        super().__init__()
+        self.wi_0, self.wi_1, self.wo = Bf16Linear(ff.wi_0.weight), Bf16Linear(ff.wi_1.weight), Bf16Linear(ff.wo.weight)
+        self.gated = bf16_gated_gelu_op()
+
+    def construct(self, x):
+        hidden = self.gated(x.astype(ms.float32).reshape(-1, x.shape[-1]), self.wi_0.weight, self.wi_1.weight)
+        out = self.wo(hidden.reshape(x.shape[:-1] + (hidden.shape[-1],)))
+        return out if x.dtype == ms.float32 else out.astype(x.dtype)
 
 
 def _conv_geometry(conv):
@@ -364,7 +385,9 @@ def use_bf16_gemm(model, convs=False):
     GEMM is unavailable here. Weights become bf16; everything else (norms, attention, biases, and
     convs unless asked) keeps its dtype. Call it after the weights are loaded.
     """
+    from pixart.models.layers import gelu_tanh
     from pixart.models.pixart import Mlp
+    from pixart.models.t5 import FeedForward
 
     if not bf16_gemm_available():
         return 0
@@ -373,6 +396,11 @@ def use_bf16_gemm(model, convs=False):
         if id(parent) in replaced:
             continue
         for name, child in list(parent.name_cells().items()):
+            if type(child) is FeedForward and child.gated and child.act is gelu_tanh:  # T5 v1.1
+                _set_child(parent, name, Bf16GatedFeedForward(child))
+                replaced.add(id(child))
+                swapped += 3
+                continue
             if type(child) is Mlp and child.fc1.has_bias and not child.fc1.activation_flag:
                 _set_child(parent, name, Bf16Mlp(child))
                 replaced.add(id(child))

@@ -20,6 +20,13 @@ from test_pixart_dit import inputs, ms_forward, tiny_diffusers, torch_forward
 from tiny_models import with_bf16_rounded_linears
 
 
+@pytest.fixture(autouse=True)
+def bf16_gemm_on_every_cpu(monkeypatch):
+    """The bf16 layers on any x86-64 CPU: natively with AVX512-BF16, else the kernel's exact fp32
+    emulation (which use_bf16_gemm otherwise declines there, as slower than fp32)."""
+    monkeypatch.setenv("PIXART_BF16_GEMM", "emulate")
+
+
 def _round_bf16(a):
     return a.astype(ml_dtypes.bfloat16).astype(np.float32)
 
@@ -181,16 +188,22 @@ def test_fallback_without_compiler_warns_once_and_keeps_fp32(tmp_path, monkeypat
 
 
 def test_fallback_on_cpu_without_bf16_flags(monkeypatch, caplog):
+    """Without bf16 instructions use_bf16_gemm declines (one warning line) unless
+    PIXART_BF16_GEMM=emulate; the ops still run, with the same results."""
+    monkeypatch.delenv("PIXART_BF16_GEMM")
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "avx512f"})
-    cpu_kernels.bf16_gemm_library.cache_clear()
     cpu_kernels._warn_once.cache_clear()
+    model = nn.SequentialCell(nn.Dense(8, 4))
     try:
         with caplog.at_level(logging.WARNING, logger="pixart.ops.cpu_kernels"):
             assert not cpu_kernels.bf16_gemm_available()
-        assert "AVX512-BF16" in caplog.records[0].getMessage()
+            assert use_bf16_gemm(model) == 0 and isinstance(model[0], nn.Dense)
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1 and "AVX512-BF16" in messages[0] and "PIXART_BF16_GEMM=emulate" in messages[0]
         assert cpu_kernels.fast_upcast_available()  # the upcast needs no bf16 instructions
+        monkeypatch.setenv("PIXART_BF16_GEMM", "emulate")
+        assert cpu_kernels.bf16_gemm_available() and use_bf16_gemm(model) == 1
     finally:
-        cpu_kernels.bf16_gemm_library.cache_clear()
         cpu_kernels._warn_once.cache_clear()
 
 

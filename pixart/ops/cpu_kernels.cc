@@ -6,7 +6,10 @@
 //   * Bf16MatMul: y (M, N) fp32 = x (M, K) · w (N, K)ᵀ with x fp32 (rounded to bf16 here, round to
 //     nearest even like torch) or bf16, w bf16, fp32 accumulation. The GEMM is oneDNN's
 //     gemm_bf16bf16f32 from the libdnnl.so.2 that ships inside MindSpore (its AVX512-BF16 / AMX
-//     kernels), so nothing beyond MindSpore and a C++ compiler is needed.
+//     kernels), so nothing beyond MindSpore and a C++ compiler is needed. On a CPU without
+//     AVX512-BF16 the same products are computed exactly by oneDNN's sgemm on fp32 copies of the
+//     bf16 operands (every bf16·bf16 product is exact in fp32): the same results up to the
+//     summation order, slower than plain fp32 (the Python side uses it only when asked).
 //   * Bf16MatMulBias / Bf16MatMulBiasGelu: the same plus a fp32 bias, and then tanh-GELU (the MLP's
 //     fc1), applied in the kernel instead of as 2-6 more MindSpore ops over the output.
 //   * Bf16ToF32: exact upcast (a 16-bit shift), for fp32 compute on bf16-stored weights.
@@ -53,6 +56,9 @@ extern "C" int dnnl_threadpool_interop_gemm_bf16bf16f32(char transa, char transb
                                                          int64_t K, float alpha, const uint16_t *A,
                                                          int64_t lda, const uint16_t *B, int64_t ldb,
                                                          float beta, float *C, int64_t ldc, void *threadpool);
+extern "C" int dnnl_threadpool_interop_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
+                                             const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                                             float *C, int64_t ldc, void *threadpool);
 
 namespace {
 
@@ -178,21 +184,64 @@ int64_t Elements(int ndim, const int64_t *shape) {
   return n;
 }
 
-// y = x · wᵀ, x (M, K) bf16, w (N, K) bf16, y (M, N) fp32 row-major.
-int Gemm(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
-  return dnnl_threadpool_interop_gemm_bf16bf16f32('N', 'T', M, N, K, 1.0f, x, K, w, K, 0.0f, y, N, &Pool());
+#define PIXART_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define PIXART_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool NativeBf16() {
+  static const bool native = __builtin_cpu_supports("avx512bf16");
+  return native;
 }
 
-#define PIXART_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+bool HasAvx512() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  return avx512;
+}
 
-// fp32 -> bf16 (round to nearest even) with AVX512-BF16; only called where the GEMM runs, which needs it.
-PIXART_AVX512 void ToBf16Avx512(const float *src, uint16_t *dst, int64_t count) {
+thread_local std::vector<float> tls_a32, tls_b32;  // fp32 copies of the operands of an emulated GEMM
+
+// bf16 (count values) -> fp32, exact.
+void Bf16ToF32Array(const uint16_t *src, float *dst, int64_t count) {
+  uint32_t *out = reinterpret_cast<uint32_t *>(dst);
+  ParallelRanges(count, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<uint32_t>(src[i]) << 16;
+  });
+}
+
+// C (M, N) fp32 = op(A) · op(B), A and B bf16 row-major as in BLAS (op = transpose for 'T'), fp32 sums.
+// Without AVX512-BF16: sgemm on exact fp32 copies of A and B.
+int GemmBf16(char transa, char transb, int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t lda,
+             const uint16_t *B, int64_t ldb, float *C, int64_t ldc) {
+  if (NativeBf16())
+    return dnnl_threadpool_interop_gemm_bf16bf16f32(transa, transb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc,
+                                                    &Pool());
+  const int64_t a_count = (transa == 'N' ? M : K) * lda, b_count = (transb == 'N' ? K : N) * ldb;
+  if (tls_a32.size() < static_cast<size_t>(a_count)) tls_a32.resize(static_cast<size_t>(a_count));
+  if (tls_b32.size() < static_cast<size_t>(b_count)) tls_b32.resize(static_cast<size_t>(b_count));
+  Bf16ToF32Array(A, tls_a32.data(), a_count);
+  Bf16ToF32Array(B, tls_b32.data(), b_count);
+  return dnnl_threadpool_interop_sgemm(transa, transb, M, N, K, 1.0f, tls_a32.data(), lda, tls_b32.data(), ldb, 0.0f,
+                                       C, ldc, &Pool());
+}
+
+// y = x · wᵀ, x (M, K) bf16, w (N, K) bf16, y (M, N) fp32 row-major.
+int Gemm(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+  return GemmBf16('N', 'T', M, N, K, x, K, w, K, y, N);
+}
+
+// fp32 -> bf16 (round to nearest even) with AVX512-BF16.
+PIXART_AVX512_BF16 void ToBf16Avx512(const float *src, uint16_t *dst, int64_t count) {
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
     const __m512 lo = _mm512_loadu_ps(src + i), hi = _mm512_loadu_ps(src + i + 16);
     _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
   for (; i < count; ++i) dst[i] = ToBf16(src[i]);
+}
+
+void ToBf16Run(const float *src, uint16_t *dst, int64_t count) {
+  if (NativeBf16()) return ToBf16Avx512(src, dst, count);
+  for (int64_t i = 0; i < count; ++i) dst[i] = ToBf16(src[i]);
 }
 
 // e^a, |relative error| < 2e-7 for a in [-87, 88] (Cody-Waite reduction, degree-6 Taylor on |r| <= ln2/2).
@@ -215,7 +264,7 @@ PIXART_AVX512 inline __m512 Exp512(__m512 a) {
 // tanh-GELU written as v·sigmoid(2√(2/π)(v + 0.044715v³)) = v / (1 + e^-z), the form the models use.
 constexpr float kGeluScale = 1.5957691216057308f;
 
-PIXART_AVX512 void BiasGeluRows(float *y, const float *bias, int64_t rows, int64_t N, bool gelu) {
+PIXART_AVX512 void BiasGeluRowsAvx512(float *y, const float *bias, int64_t rows, int64_t N, bool gelu) {
   for (int64_t m = 0; m < rows; ++m) {
     float *row = y + m * N;
     int64_t n = 0;
@@ -234,6 +283,16 @@ PIXART_AVX512 void BiasGeluRows(float *y, const float *bias, int64_t rows, int64
       if (gelu) v = v / (1.0f + std::exp(-kGeluScale * (v + 0.044715f * v * v * v)));
       row[n] = v;
     }
+  }
+}
+
+// y + bias, then tanh-GELU, over `rows` rows of N values.
+void BiasGeluRows(float *y, const float *bias, int64_t rows, int64_t N, bool gelu) {
+  if (HasAvx512()) return BiasGeluRowsAvx512(y, bias, rows, N, gelu);
+  for (int64_t i = 0; i < rows * N; ++i) {
+    float v = y[i] + (bias ? bias[i % N] : 0.0f);
+    if (gelu) v = v / (1.0f + std::exp(-kGeluScale * (v + 0.044715f * v * v * v)));
+    y[i] = v;
   }
 }
 
@@ -263,7 +322,7 @@ int MatMul(const void *x, bool x_bf16, const uint16_t *w, const float *bias, boo
     if (tls_x16.size() < static_cast<size_t>(M * K)) tls_x16.resize(static_cast<size_t>(M * K));
     const float *xf = static_cast<const float *>(x);
     uint16_t *x16 = tls_x16.data();
-    ParallelRows(M, K, [&](int64_t m0, int64_t m1) { ToBf16Avx512(xf + m0 * K, x16 + m0 * K, (m1 - m0) * K); });
+    ParallelRows(M, K, [&](int64_t m0, int64_t m1) { ToBf16Run(xf + m0 * K, x16 + m0 * K, (m1 - m0) * K); });
     status = Gemm(x16, w, y, M, N, K);
   }
   if (status != 0 || (!bias && !gelu)) return status;
@@ -444,7 +503,7 @@ void Im2ColRows(const float *x, int64_t H, int64_t W, int64_t k, int64_t stride,
         const int64_t lo = std::min<int64_t>(Wo, std::max<int64_t>(0, pad - kx));
         const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(Wo, W + pad - kx));
         std::memset(out, 0, sizeof(uint16_t) * lo);
-        ToBf16Avx512(in + lo + kx - pad, out + lo, hi - lo);
+        ToBf16Run(in + lo + kx - pad, out + lo, hi - lo);
         std::memset(out + hi, 0, sizeof(uint16_t) * (Wo - hi));
       } else {
         for (int64_t ox = 0; ox < Wo; ++ox) {
@@ -496,8 +555,7 @@ extern "C" int Bf16Conv2d(int nparam, void **params, int *ndims, int64_t **shape
       ParallelRows(K, width, [&](int64_t r0, int64_t r1) {
         Im2ColRows(image, H, W, k, stride, pad, Wo, oy0, rows, r0, r1, cols);
       });
-      const int status = dnnl_threadpool_interop_gemm_bf16bf16f32('N', 'N', O, width, K, 1.0f, w, K, cols, width,
-                                                                  0.0f, out + oy0 * Wo, plane, &Pool());
+      const int status = GemmBf16('N', 'N', O, width, K, w, K, cols, width, out + oy0 * Wo, plane);
       if (status != 0) return 10 + status;
     }
     ParallelRows(O, plane, [&](int64_t o0, int64_t o1) {
@@ -546,8 +604,7 @@ PIXART_AVX512 void AffineSiluAvx512(const float *x, float *y, int64_t n, float m
 }
 
 void AffineSilu(const float *x, float *y, int64_t n, float mean, float a, float b, bool silu) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return AffineSiluAvx512(x, y, n, mean, a, b, silu);
+  if (HasAvx512()) return AffineSiluAvx512(x, y, n, mean, a, b, silu);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (x[i] - mean) * a + b;
     y[i] = silu ? v / (1.0f + std::exp(-v)) : v;
@@ -595,7 +652,7 @@ extern "C" int GroupNormSilu(int nparam, void **params, int *ndims, int64_t **sh
 namespace {
 
 // y = tanh-GELU(y) · g, over rows [0, rows) of N values.
-PIXART_AVX512 void GeluTimesRows(float *y, const float *g, int64_t count) {
+PIXART_AVX512 void GeluTimesRowsAvx512(float *y, const float *g, int64_t count) {
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
     const __m512 v = _mm512_loadu_ps(y + i);
@@ -605,6 +662,14 @@ PIXART_AVX512 void GeluTimesRows(float *y, const float *g, int64_t count) {
                                           _mm512_loadu_ps(g + i)));
   }
   for (; i < count; ++i) {
+    const float v = y[i];
+    y[i] = v / (1.0f + std::exp(-kGeluScale * (v + 0.044715f * v * v * v))) * g[i];
+  }
+}
+
+void GeluTimesRows(float *y, const float *g, int64_t count) {
+  if (HasAvx512()) return GeluTimesRowsAvx512(y, g, count);
+  for (int64_t i = 0; i < count; ++i) {
     const float v = y[i];
     y[i] = v / (1.0f + std::exp(-kGeluScale * (v + 0.044715f * v * v * v))) * g[i];
   }
@@ -637,7 +702,7 @@ extern "C" int Bf16GatedGelu(int nparam, void **params, int *ndims, int64_t **sh
   if (tls_gate.size() < static_cast<size_t>(M * N)) tls_gate.resize(static_cast<size_t>(M * N));
   const float *xf = static_cast<const float *>(params[0]);
   uint16_t *x16 = tls_x16.data();
-  ParallelRows(M, K, [&](int64_t m0, int64_t m1) { ToBf16Avx512(xf + m0 * K, x16 + m0 * K, (m1 - m0) * K); });
+  ParallelRows(M, K, [&](int64_t m0, int64_t m1) { ToBf16Run(xf + m0 * K, x16 + m0 * K, (m1 - m0) * K); });
   int status = Gemm(x16, static_cast<const uint16_t *>(params[1]), y, M, N, K);
   if (status == 0) status = Gemm(x16, static_cast<const uint16_t *>(params[2]), tls_gate.data(), M, N, K);
   if (status != 0) return 10 + status;

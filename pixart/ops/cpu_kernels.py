@@ -13,8 +13,13 @@ around them. ``cpu_kernels.cc`` fills those gaps:
 The GEMM is oneDNN's ``gemm_bf16bf16f32`` from the ``libdnnl.so.2`` that ships inside MindSpore,
 so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
 MindSpore / compiler version into ``$PIXART_CACHE_DIR`` (default ``~/.cache/pixart``) and checked
-by a self-test; without a compiler, libdnnl, or (for the GEMM) a CPU with AVX512-BF16 or AMX-BF16,
-the callers warn once and keep the fp32 MindSpore path.
+by a self-test; without a compiler or libdnnl the callers warn once and keep the fp32 MindSpore path.
+
+On a CPU without AVX512-BF16 (e.g. AVX2-only x86) the kernel computes the same products exactly
+with oneDNN's fp32 sgemm on fp32 copies of the bf16 operands: the same results up to summation
+order, but slower than MindSpore's fp32 path. ``use_bf16_gemm`` then warns once and keeps the fp32
+path, unless ``PIXART_BF16_GEMM=emulate`` asks for the bf16 layers anyway (half the weight memory,
+and how the tests check these kernels on such CPUs).
 
 ``use_bf16_gemm(model)`` switches a model's linear layers (``nn.Dense`` and the T5 ``Linear``)
 to the bf16 GEMM, storing their weights in bf16 (half the memory); an ``Mlp``'s fc1 gets its GELU
@@ -122,14 +127,26 @@ def _cpu_flags():
 
 @functools.lru_cache(maxsize=None)
 def bf16_gemm_library():
-    """The kernel library if its bf16 GEMM runs fast and exactly here; raises KernelUnavailable."""
+    """The kernel library once its bf16 GEMM gave the exact answer of its self-test (natively, or
+    emulated on a CPU without bf16 instructions); raises KernelUnavailable."""
     path = kernel_library()
-    if not _cpu_flags() & set(_CPU_BF16_FLAGS):
-        raise KernelUnavailable("this CPU has neither AVX512-BF16 nor AMX-BF16 (oneDNN would emulate bf16, "
-                                "slower than fp32)")
     status = ctypes.CDLL(path).pixart_bf16_selftest()
     if status != 0:
         raise KernelUnavailable(f"the oneDNN bf16 GEMM self-test failed (status {status})")
+    return path
+
+
+def native_bf16():
+    """Whether this CPU has bf16 instructions (AVX512-BF16; AMX-BF16 CPUs have it too)."""
+    return bool(_cpu_flags() & set(_CPU_BF16_FLAGS))
+
+
+def _fast_bf16_gemm():
+    """bf16_gemm_library, on a CPU where it is faster than fp32 (or PIXART_BF16_GEMM=emulate)."""
+    path = bf16_gemm_library()
+    if not native_bf16() and os.environ.get("PIXART_BF16_GEMM", "").lower() != "emulate":
+        raise KernelUnavailable("this CPU has neither AVX512-BF16 nor AMX-BF16 (the emulated bf16 GEMM is slower "
+                                "than fp32; PIXART_BF16_GEMM=emulate uses it anyway)")
     return path
 
 
@@ -148,8 +165,9 @@ def _warn_once(message):
 
 
 def bf16_gemm_available():
-    """True when ``bf16_matmul`` can run here; else warns once (one line) and returns False."""
-    return _available(bf16_gemm_library, "bf16 GEMM")
+    """True when the bf16 GEMM runs here and pays off (bf16 instructions, or PIXART_BF16_GEMM=emulate);
+    else warns once (one line) and returns False. The ops themselves run on any x86-64 CPU."""
+    return _available(_fast_bf16_gemm, "bf16 GEMM")
 
 
 def fast_upcast_available():

@@ -261,8 +261,6 @@ def extract_features_parser():
                    help="also store T5 outputs at padded positions (masked in training; default: drop them)")
     g.add_argument("--embed_dtype", choices=DTYPE_NAMES, default="fp32", help="storage dtype of T5 embeddings")
     g.add_argument("--overwrite", type=str2bool, default=False, help="recompute everything, even current files")
-    # Not --batch_size: a training YAML's batch_size (images per train step) must not set the encoder batch.
-    g.add_argument("--encode_batch_size", type=int, default=8, help="images / captions per VAE / T5 call")
     g.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
     add_device_option(g)
     return p

@@ -15,7 +15,8 @@ from PIL import Image
 import mindspore as ms
 
 from pixart.data import BucketBatchSampler, TrainDataset, get_bins, load_batch, load_records
-from pixart.data.features import FeatureDataset, latent_noise, load_feature_batch, read_index
+from pixart.data.features import (FeatureDataset, encode_captions, encode_posteriors, latent_noise, load_feature_batch,
+                                  read_index, sample_latents)
 from pixart.models.autoencoder_kl import AutoencoderKL
 from pixart.models.pixart_weights import from_pretrained as load_dit
 from pixart.models.t5 import T5Encoder
@@ -53,7 +54,7 @@ def setup(tmp_path_factory):
     bins = get_bins(BASE)
     feats = root / "feats"
     summary = extract_features(records, image_dir, feats, bins, pipe / "vae", pipe / "text_encoder", pipe / "tokenizer",
-                               max_length=MAX_LENGTH, image_size=BASE, batch_size=3, progress=False)
+                               max_length=MAX_LENGTH, image_size=BASE, progress=False)
     return {"root": root, "pipe": pipe, "json": json_path, "images": image_dir, "records": records, "bins": bins,
             "feats": feats, "summary": summary,
             "vae": AutoencoderKL.from_pretrained(pipe / "vae"),
@@ -65,12 +66,12 @@ def on_the_fly(setup, dataset, indices, epoch):
     """What a train step computes without the cache: load images, VAE-encode, sample, run T5."""
     batch, skipped = load_batch(dataset, indices, epoch)
     assert skipped == 0
-    posterior = setup["vae"].encode(batch["images"])
-    noise = latent_noise(dataset.seed, epoch, batch["indices"], tuple(posterior.mean.shape[1:]))
-    latents = (posterior.sample(noise=noise) * setup["vae"].scaling_factor).asnumpy()
+    mean, std = encode_posteriors(setup["vae"], batch["images"])
+    latents = sample_latents(mean, std, latent_noise(dataset.seed, epoch, batch["indices"], mean.shape[1:]),
+                             setup["vae"].scaling_factor)
     # train.py feeds captions to T5 uncleaned (as the original training code), as the cache does.
-    embeds, mask = encode_prompts(setup["tokenizer"], setup["t5"], batch["captions"], MAX_LENGTH, clean_caption=False)
-    return batch, latents, embeds.asnumpy(), mask.asnumpy()
+    embeds, mask = encode_captions(setup["tokenizer"], setup["t5"], batch["captions"], MAX_LENGTH, clean_caption=False)
+    return batch, latents, embeds, mask
 
 
 def test_cached_batches_equal_on_the_fly_training(setup):
@@ -97,11 +98,11 @@ def test_cached_batches_equal_on_the_fly_training(setup):
         np.testing.assert_array_equal(cached_batch["ratios"], batch["ratios"])
         assert cached_batch["latents"].shape == latents.shape == (len(indices), 4, batch["size"][0] // 8,
                                                                    batch["size"][1] // 8)
-        # Bitwise equal on CPU (same kernels, same ε); 1e-6 leaves room for other backends.
-        np.testing.assert_allclose(cached_batch["latents"], latents, rtol=0, atol=1e-6)
+        # Bitwise equal: the same encoder calls (one image / caption each) and the same ε.
+        np.testing.assert_array_equal(cached_batch["latents"], latents)
         np.testing.assert_array_equal(cached_batch["caption_mask"], mask)
         real = mask.astype(bool)  # padded positions are not stored: zeros, masked out of the DiT
-        np.testing.assert_allclose(cached_batch["caption_embeds"][real], embeds[real], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(cached_batch["caption_embeds"][real], embeds[real])
         assert not cached_batch["caption_embeds"][~real].any()
         sources.update(cached_batch["caption_sources"])
     assert sources == {"prompt", "sharegpt4v"}  # both stored captions are used at ratio 0.5

@@ -15,8 +15,9 @@ with other settings or other VAE/T5 weights is refused (``--overwrite True`` rec
 
 ``-c`` takes a training YAML: the keys of this tool's options (``--help``) are read from it, its
 other (training) keys are ignored, with a warning for a key that looks like a misspelt option.
-The YAML's ``batch_size`` (images per training step) is one of the ignored keys: the VAE / T5
-batch is ``--encode_batch_size``.
+The YAML's ``batch_size`` (images per training step) is one of the ignored keys: every image and
+caption is encoded on its own, as train.py does without a cache, so the features are bit for bit
+what it would compute.
 """
 import logging
 import os
@@ -42,8 +43,6 @@ def check_args(args):
     for flag in ("json_path", "image_dir", "feature_dir", "image_size"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag} is required (on the command line or in the -c config)")
-    if args.encode_batch_size < 1:
-        raise ConfigError(f"--encode_batch_size must be at least 1, got {args.encode_batch_size}")
     if args.t5_max_length is None:
         args.t5_max_length = TEXT_TOKENS[args.version]
     if args.t5_max_length < 1:
@@ -81,7 +80,7 @@ def main(argv=None):
     ms.set_context(mode=ms.PYNATIVE_MODE)  # each model runs once per batch: compiling would not pay off
     summary = extract_features(records, args.image_dir, args.feature_dir, bins, vae_root, text_encoder_root,
                                tokenizer_root, max_length=args.t5_max_length, image_size=args.image_size,
-                               batch_size=args.encode_batch_size, clean_caption=args.clean_caption,
+                               clean_caption=args.clean_caption,
                                keep_padding=args.keep_padding, embed_dtype=args.embed_dtype,
                                overwrite=args.overwrite, counts=counts, progress=args.progress)
     logger.info("features of %d/%d records in %s (%d images and %d captions encoded now, %d unreadable)",

@@ -12,12 +12,10 @@ import json
 import logging
 import os
 
-import numpy as np
-
 from pixart.data.dataset import TrainDataset, UnreadableImage
-from pixart.data.features import (CAPTION_SOURCES, FORMAT, FORMAT_VERSION, INDEX_NAME, NULL_NAME, file_is_current,
-                                  latent_file, latent_meta, text_file, text_meta, write_index, write_latent_file,
-                                  write_text_file)
+from pixart.data.features import (CAPTION_SOURCES, FORMAT, FORMAT_VERSION, INDEX_NAME, NULL_NAME, encode_captions,
+                                  encode_posteriors, file_is_current, latent_file, latent_meta, text_file, text_meta,
+                                  write_index, write_latent_file, write_text_file)
 from pixart.tables import DTYPE_NAMES, np_dtype
 from pixart.utils.checkpoint import save_safetensors
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -52,18 +50,20 @@ def _progress(total, desc, enabled):
 
 
 def extract_features(records, image_dir, feature_dir, bins, vae_root, text_encoder_root, tokenizer_root,
-                     max_length=300, image_size=None, batch_size=8, clean_caption=False, keep_padding=False,
+                     max_length=300, image_size=None, clean_caption=False, keep_padding=False,
                      embed_dtype="fp32", overwrite=False, counts=None, progress=True):
     """Write the feature folder for `records` (validated, from ``load_records``); returns a summary dict.
 
-    Pass 1 encodes images bucket by bucket with the VAE, which is then freed; pass 2 encodes the
-    captions with T5, so the two models are never in memory together. Unreadable images are
+    Pass 1 encodes the images with the VAE, which is then freed; pass 2 encodes the captions with
+    T5, so the two models are never in memory together. Each image and caption is encoded on its
+    own (``encode_posteriors`` / ``encode_captions``, as on-the-fly training does), so the stored
+    numbers are bit for bit what training without the cache computes. Unreadable images are
     skipped (logged) and left out of the index.
     """
     # Model imports load MindSpore: done here, so --help and argument errors stay fast.
     from pixart.models.autoencoder_kl import AutoencoderKL, VAEConfig
     from pixart.models.t5 import T5Encoder
-    from pixart.models.tokenizer import PromptTokenizer, encode_prompts
+    from pixart.models.tokenizer import PromptTokenizer
 
     if embed_dtype not in DTYPE_NAMES:
         raise ConfigError(f"embed_dtype must be one of {list(DTYPE_NAMES)}, got {embed_dtype!r}")
@@ -104,21 +104,16 @@ def extract_features(records, image_dir, feature_dir, bins, vae_root, text_encod
         vae = AutoencoderKL.from_pretrained(vae_root).set_train(False)
         with _progress(num_images, "VAE latents", progress) as bar:
             for jobs in todo.values():
-                for start in range(0, len(jobs), batch_size):
-                    chunk, arrays = [], []
-                    for i, name, meta in jobs[start:start + batch_size]:
-                        try:
-                            arrays.append(images.get(i)["image"])  # (3, H, W) in [-1, 1], bucket size
-                            chunk.append((name, meta))
-                        except UnreadableImage as err:
-                            logger.warning("skipping image %s: %s", records[i]["path"], err)
-                            unreadable.update(scheduled[name])
-                    if arrays:
-                        posterior = vae.encode(np.stack(arrays))
-                        mean, std = posterior.mean.asnumpy(), posterior.std.asnumpy()
-                        for k, (name, meta) in enumerate(chunk):
-                            write_latent_file(os.path.join(feature_dir, name), mean[k], std[k], meta)
-                    bar.update(len(jobs[start:start + batch_size]))
+                for i, name, meta in jobs:
+                    try:
+                        image = images.get(i)["image"]  # (3, H, W) in [-1, 1], bucket size
+                    except UnreadableImage as err:
+                        logger.warning("skipping image %s: %s", records[i]["path"], err)
+                        unreadable.update(scheduled[name])
+                    else:
+                        mean, std = encode_posteriors(vae, image[None])
+                        write_latent_file(os.path.join(feature_dir, name), mean[0], std[0], meta)
+                    bar.update(1)
         del vae
         gc.collect()
 
@@ -140,22 +135,18 @@ def extract_features(records, image_dir, feature_dir, bins, vae_root, text_encod
         encoder = T5Encoder.from_pretrained(text_encoder_root)
         dtype = np_dtype(embed_dtype)
         with _progress(len(captions), "T5 captions", progress) as bar:
-            for start in range(0, len(captions), batch_size):
-                chunk = captions[start:start + batch_size]
-                embeds, mask = encode_prompts(tokenizer, encoder, [c[2] for c in chunk], max_length, clean_caption)
-                embeds, mask = embeds.asnumpy(), mask.asnumpy()
-                for k, (name, source, _) in enumerate(chunk):
-                    job = pending[name]
-                    job["captions"][source] = (embeds[k], mask[k])
-                    job["missing"] -= 1
-                    if job["missing"] == 0:  # all of the record's captions done: write, forget
-                        write_text_file(os.path.join(feature_dir, name), job["captions"], job["meta"],
-                                        keep_padding, dtype)
-                        del pending[name]
-                bar.update(len(chunk))
+            for name, source, caption in captions:
+                embeds, mask = encode_captions(tokenizer, encoder, [caption], max_length, clean_caption)
+                job = pending[name]
+                job["captions"][source] = (embeds[0], mask[0])
+                job["missing"] -= 1
+                if job["missing"] == 0:  # all of the record's captions done: write, forget
+                    write_text_file(os.path.join(feature_dir, name), job["captions"], job["meta"], keep_padding, dtype)
+                    del pending[name]
+                bar.update(1)
         if need_null:  # kept whole (padding included): it is one file
-            embeds, mask = encode_prompts(tokenizer, encoder, [""], max_length, clean_caption)
-            save_safetensors({"embeds": embeds.asnumpy()[0].astype(dtype), "mask": mask.asnumpy()[0]}, null_file,
+            embeds, mask = encode_captions(tokenizer, encoder, [""], max_length, clean_caption)
+            save_safetensors({"embeds": embeds[0].astype(dtype), "mask": mask[0]}, null_file,
                              metadata={"caption": ""})
         del encoder
         gc.collect()

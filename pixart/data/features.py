@@ -27,8 +27,9 @@ Drop-in for the on-the-fly dataset:
         batch, skipped = load_feature_batch(dataset, indices, epoch)
         # batch["latents"] (B, C, h, w) scaled, batch["caption_embeds"] (B, L, D), batch["caption_mask"] (B, L)
 
-and on-the-fly training gives the same latents for the same ε: draw it with ``latent_noise`` and
-use ``vae.encode(images).sample(noise=ε) * vae.scaling_factor``.
+and on-the-fly training gives the same numbers: both encode with ``encode_posteriors`` and
+``encode_captions`` (one image / caption per VAE / T5 call) and draw the latents with
+``sample_latents(mean, std, latent_noise(...), scaling_factor)``.
 """
 import hashlib
 import json
@@ -78,6 +79,32 @@ def sample_latents(mean, std, noise, scaling_factor):
     if noise.shape != mean.shape:
         raise ValueError(f"noise shape {noise.shape} != latent shape {mean.shape}")
     return (mean + std * noise) * np.float32(scaling_factor)
+
+
+def encode_posteriors(vae, images):
+    """(B, 3, H, W) images in [-1, 1] -> the VAE posterior (mean, std), float32 numpy (B, C, h, w).
+
+    One image per VAE call: CPU convolution kernels round differently at other batch sizes
+    (measured on AVX2 CPUs), and an image's features must not depend on the batch it came in.
+    """
+    import mindspore as ms
+
+    posteriors = [vae.encode(ms.Tensor(np.asarray(images[k:k + 1], np.float32))) for k in range(len(images))]
+    return (np.concatenate([p.mean.astype(ms.float32).asnumpy() for p in posteriors]),
+            np.concatenate([p.std.astype(ms.float32).asnumpy() for p in posteriors]))
+
+
+def encode_captions(tokenizer, encoder, captions, max_length, clean_caption=False):
+    """Captions -> T5 (embeds (B, L, D) float32, mask (B, L) int32) numpy, padded to ``max_length``.
+
+    One caption per T5 call, for the reason of ``encode_posteriors`` (GEMM kernels round a row
+    differently for other row counts).
+    """
+    from ..models.tokenizer import encode_prompts
+
+    outputs = [encode_prompts(tokenizer, encoder, [caption], max_length, clean_caption) for caption in captions]
+    return (np.concatenate([e.asnumpy().astype(np.float32) for e, _ in outputs]),
+            np.concatenate([m.asnumpy().astype(np.int32) for _, m in outputs]))
 
 
 # ----------------------------------------------------------------------------------------------

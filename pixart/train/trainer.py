@@ -326,18 +326,18 @@ class Trainer:
         return inputs
 
     def _encode(self, data, epoch):
-        """Images -> scaled latents z = (mean + std·ε)·s with ε from ``latent_noise`` (the same ε the
-        feature cache uses, so both paths train on the same numbers); captions -> T5 (N, L, 4096)."""
-        from pixart.data.features import latent_noise
-        from pixart.models.tokenizer import encode_prompts
+        """Images -> scaled latents z = (mean + std·ε)·s with ε from ``latent_noise``; captions -> T5
+        (N, L, 4096). The functions the feature cache is made with, so both paths train on the same
+        bits."""
+        from pixart.data.features import encode_captions, encode_posteriors, latent_noise, sample_latents
 
-        posterior = self.vae.encode(ms.Tensor(data["images"]))
-        eps = latent_noise(self.config.seed, epoch, data["indices"], tuple(posterior.mean.shape[1:]))
-        latents = posterior.sample(noise=eps).astype(ms.float32) * self.vae.scaling_factor
+        mean, std = encode_posteriors(self.vae, data["images"])
+        eps = latent_noise(self.config.seed, epoch, data["indices"], mean.shape[1:])
+        latents = sample_latents(mean, std, eps, self.vae.scaling_factor)
         # No caption cleaning: the original training code feeds captions to T5 as they are.
-        y, mask = encode_prompts(self.tokenizer, self.text_encoder, data["captions"],
-                                 max_length=self.model.config.model_max_length, clean_caption=False)
-        return latents, y.astype(ms.float32), mask
+        y, mask = encode_captions(self.tokenizer, self.text_encoder, data["captions"],
+                                  max_length=self.model.config.model_max_length, clean_caption=False)
+        return ms.Tensor(latents), ms.Tensor(y), ms.Tensor(mask)
 
     # ------------------------------------------------------------------ the loop
 

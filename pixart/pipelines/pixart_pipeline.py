@@ -377,6 +377,8 @@ class PixArtSigmaPipeline:
         control = None
         if control_image is not None:  # hint latents, the same for the guided and unguided halves
             model, control = self._control_inputs(control_image, height, width, batch, do_cfg)
+        denoise = ImageRows(batch, do_cfg, per_image=ms.get_context("device_target") == "CPU",
+                            y=y, mask=y_mask, resolution=resolution, aspect=aspect, control=control)
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
         if self.mode == "graph" and self.compile_cache:
@@ -384,22 +386,18 @@ class PixArtSigmaPipeline:
             from pixart.utils.compile_cache import use_graph_cache
 
             base = self.transformer  # model is the ControlPixArt around it with a ControlNet
+            rows = denoise.rows_per_call
             use_graph_cache(self.compile_cache, {
                 "model": base.config.to_dict(), "class": type(model).__name__, "dtype": str(base.dtype),
-                "x": tuple(x.shape), "y": tuple(y.shape), "mask": tuple(y_mask.shape), "micro": resolution is not None,
+                "x": (rows,) + tuple(x.shape[1:]), "y": (rows,) + tuple(y.shape[1:]),
+                "mask": (rows,) + tuple(y_mask.shape[1:]), "micro": resolution is not None,
                 "backend": getattr(base.blocks[0].attn, "backend", None), "bf16_gemm_layers": bf16_gemm_layers(base),
                 "fused_norm_layers": fused_norm_layers(base),
                 "controlnet": getattr(model, "num_layers", None)})
         try:
             for i, t in enumerate(tqdm(run, disable=not progress, desc="sampling")):
                 model_in = ops.concat([x, x], axis=0) if do_cfg else x
-                if control is not None:
-                    out = model(model_in, timesteps[i], y, y_mask, resolution, aspect, None, control,
-                                controlnet_conditioning_scale)
-                elif resolution is not None:
-                    out = model(model_in, timesteps[i], y, y_mask, resolution, aspect)
-                else:
-                    out = model(model_in, timesteps[i], y, y_mask)
+                out = denoise(model, model_in, timesteps[i], controlnet_conditioning_scale)
                 if do_cfg:
                     uncond, cond = out[:batch], out[batch:]
                     eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
@@ -538,6 +536,44 @@ def controlnet_fields(controlnet, control_image, scale):
     return {"controlnet": os.path.basename(os.path.normpath(controlnet)) if isinstance(controlnet, str) else "ControlNet",
             "control_image": os.path.basename(control_image) if isinstance(control_image, str) else "(array)",
             "controlnet_conditioning_scale": scale}
+
+
+class ImageRows:
+    """The denoiser over a batch's model rows: (unconditional rows, then conditional) under guidance.
+
+    With ``per_image`` (on CPU) each image's rows (its unconditional and conditional pair) go
+    through the denoiser in a call of their own: CPU GEMM kernels round a row differently for
+    other row counts (measured on AVX2), and image k must be bit for bit the same at any batch
+    size. Elsewhere the whole batch is one call. The per-call text, mask, micro-conditions and
+    ControlNet hints are split once; only the latents and timesteps are split each step.
+    """
+
+    def __init__(self, batch, guided, per_image, y, mask, resolution=None, aspect=None, control=None):
+        model_batch = batch * (2 if guided else 1)
+        if per_image and batch > 1:
+            self.groups = [[k, batch + k] if guided else [k] for k in range(batch)]
+        else:
+            self.groups = [list(range(model_batch))]
+        self.rows_per_call = len(self.groups[0])
+        self.picks = [ms.Tensor(np.array(g, np.int32)) for g in self.groups]
+        self.inputs = [tuple(self._take(v, pick) for v in (y, mask, resolution, aspect, control)) for pick in self.picks]
+        self.order = ms.Tensor(np.argsort(np.concatenate(self.groups)).astype(np.int32))
+
+    def _take(self, v, pick):
+        return v if v is None or len(self.groups) == 1 else ops.gather(v, pick, 0)
+
+    def __call__(self, model, x, t, control_scale=1.0):
+        """x (model batch, C, H, W), t (model batch,) -> the denoiser's output, rows in x's order."""
+        outs = []
+        for pick, (y, mask, resolution, aspect, control) in zip(self.picks, self.inputs):
+            x_k, t_k = self._take(x, pick), self._take(t, pick)
+            if control is not None:
+                outs.append(model(x_k, t_k, y, mask, resolution, aspect, None, control, control_scale))
+            elif resolution is not None:
+                outs.append(model(x_k, t_k, y, mask, resolution, aspect))
+            else:
+                outs.append(model(x_k, t_k, y, mask))
+        return outs[0] if len(outs) == 1 else ops.gather(ops.concat(outs, axis=0), self.order, 0)
 
 
 @dataclass

@@ -132,6 +132,9 @@ def test_use_bf16_gemm_dit_matches_diffusers(tmp_path):
     assert not any(isinstance(c, nn.Dense) for _, c in model.cells_and_names())
     assert isinstance(model.blocks[0].mlp, Bf16Mlp) and model.blocks[0].mlp.fc1.gelu  # GELU inside fc1's kernel
     assert [n for n, _ in model.parameters_and_names()] == names  # checkpoint names unchanged
+    # and each Parameter's own name is its full path again (MindSpore renames moved Parameters
+    # relative to their new cell: 'proj.weight' in every block, duplicates for checkpoints/optimizers)
+    assert [p.name for _, p in model.parameters_and_names()] == names
     bf16_layers = [c for _, c in model.cells_and_names() if isinstance(c, Bf16Linear)]
     assert all(c.weight.dtype == ms.bfloat16 for c in bf16_layers)
     fc1 = model.blocks[0].mlp.fc1.weight
@@ -316,11 +319,13 @@ def test_vae_kernels_match_diffusers(tmp_path):
     model = AutoencoderKL.from_pretrained(str(tmp_path))
     # 2 per resnet (encoder 4 levels × 2 resnets, decoder 4 × 3), each mid block 2 resnets + attention, 2 outputs
     assert use_fused_norms(model) == fused_norm_layers(model) == 2 * (4 * 2 + 4 * 3) + 2 * 5 + 2
+    assert all(p.name == name for name, p in model.parameters_and_names())  # full paths, no duplicates
     np.testing.assert_allclose(model.decode(z).asnumpy(), expected, rtol=0, atol=1e-4)
     swapped = cpu_kernels.use_bf16_gemm(model, convs=True)
     convs = sum(isinstance(c, cpu_kernels.Bf16Conv2d) for _, c in model.cells_and_names())
     assert swapped == bf16_gemm_layers(model) and convs > 40 and not any(
         isinstance(c, (nn.Conv2d, nn.Dense)) for _, c in model.cells_and_names())
+    assert all(p.name == name for name, p in model.parameters_and_names())
     out = model.decode(z).asnumpy()
     assert np.abs(expected).max() > 0.1
     assert 1e-4 < np.abs(out - expected).max() < np.abs(bf16 - expected).max()

@@ -145,7 +145,7 @@ def _set_child(parent, attr, cell):
         setattr(parent, attr, cell)
 
 
-def _sync_parameter_names(model):
+def sync_parameter_names(model):
     """Give every Parameter its full path as ``.name``.
 
     MindSpore names a Parameter relative to the cell it was assigned into, so after swapping in a
@@ -204,7 +204,7 @@ def inject_lora(model, rank, alpha=None, target_modules=DEFAULT_TARGETS, dropout
             lora_a = rng.normal(0.0, 1.0 / rank, size=(rank, base.in_channels))
         parent_name, _, attr = name.rpartition(".")
         _set_child(cells[parent_name], attr, LoRADense(base, rank, alpha, float(dropout), lora_a))
-    _sync_parameter_names(model)
+    sync_parameter_names(model)
 
     trainable = []
     for name, param in model.parameters_and_names():

@@ -404,6 +404,7 @@ def use_bf16_gemm(model, convs=False):
     convs unless asked) keeps its dtype. Call it after the weights are loaded.
     """
     from pixart.models.layers import gelu_tanh
+    from pixart.models.lora import sync_parameter_names
     from pixart.models.pixart import Mlp
     from pixart.models.t5 import FeedForward
 
@@ -432,6 +433,7 @@ def use_bf16_gemm(model, convs=False):
             if parts is not None:
                 _set_child(parent, name, Bf16Linear(*parts))
                 swapped += 1
+    sync_parameter_names(model)  # MindSpore renamed the moved Parameters relative to their new cells
     return swapped
 
 
@@ -443,6 +445,7 @@ def use_fused_norms(model):
     number swapped; 0 (one warning line, model unchanged) when the kernels cannot be built here.
     """
     from pixart.models.autoencoder_kl import GroupNorm
+    from pixart.models.lora import sync_parameter_names
     from pixart.models.pixart import AdaLayerNorm, GatedResidual
 
     if not _available(kernel_library, "fused norm kernels"):
@@ -459,4 +462,5 @@ def use_fused_norms(model):
             else:
                 continue
             swapped += 1
+    sync_parameter_names(model)
     return swapped

@@ -34,6 +34,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from pixart.models.layers import set_child, sync_parameter_names
 from pixart.utils.checkpoint import (find_weight_files, read_safetensors_metadata, load_into_cell, read_state_dict, save_ckpt,
                                      save_safetensors, to_tensor)
 from pixart.utils.errors import CheckpointError, ConfigError
@@ -138,25 +139,6 @@ def _dense_patterns(model):
     return seen
 
 
-def _set_child(parent, attr, cell):
-    if isinstance(parent, (nn.CellList, nn.SequentialCell)):
-        parent[int(attr)] = cell
-    else:
-        setattr(parent, attr, cell)
-
-
-def sync_parameter_names(model):
-    """Give every Parameter its full path as ``.name``.
-
-    MindSpore names a Parameter relative to the cell it was assigned into, so after swapping in a
-    LoRADense its parameters would be called ``qkv.weight``/``lora_A``: checkpoints and optimizers
-    (which need unique names) use ``.name``, so restore the full paths.
-    """
-    for name, param in model.parameters_and_names():
-        if param.name != name:
-            param.name = name
-
-
 def inject_lora(model, rank, alpha=None, target_modules=DEFAULT_TARGETS, dropout=0.0, init="kaiming", seed=0):
     """Replace the targeted ``nn.Dense`` layers of ``model`` by ``LoRADense`` and freeze everything else.
 
@@ -203,7 +185,7 @@ def inject_lora(model, rank, alpha=None, target_modules=DEFAULT_TARGETS, dropout
         else:
             lora_a = rng.normal(0.0, 1.0 / rank, size=(rank, base.in_channels))
         parent_name, _, attr = name.rpartition(".")
-        _set_child(cells[parent_name], attr, LoRADense(base, rank, alpha, float(dropout), lora_a))
+        set_child(cells[parent_name], attr, LoRADense(base, rank, alpha, float(dropout), lora_a))
     sync_parameter_names(model)
 
     trainable = []

@@ -377,13 +377,6 @@ def _replaceable(cell):
     return None
 
 
-def _set_child(parent, name, child):
-    if isinstance(parent, (nn.SequentialCell, nn.CellList)):
-        parent[int(name)] = child
-    else:
-        setattr(parent, name, child)
-
-
 def bf16_gemm_layers(model):
     """How many of ``model``'s layers run as bf16 GEMMs (0 for a plain model)."""
     return sum(isinstance(cell, (Bf16Linear, Bf16Conv2d)) for _, cell in model.cells_and_names())
@@ -403,8 +396,7 @@ def use_bf16_gemm(model, convs=False):
     GEMM is unavailable here. Weights become bf16; everything else (norms, attention, biases, and
     convs unless asked) keeps its dtype. Call it after the weights are loaded.
     """
-    from pixart.models.layers import gelu_tanh
-    from pixart.models.lora import sync_parameter_names
+    from pixart.models.layers import gelu_tanh, set_child, sync_parameter_names
     from pixart.models.pixart import Mlp
     from pixart.models.t5 import FeedForward
 
@@ -416,22 +408,22 @@ def use_bf16_gemm(model, convs=False):
             continue
         for name, child in list(parent.name_cells().items()):
             if type(child) is FeedForward and child.gated and child.act is gelu_tanh:  # T5 v1.1
-                _set_child(parent, name, Bf16GatedFeedForward(child))
+                set_child(parent, name, Bf16GatedFeedForward(child))
                 replaced.add(id(child))
                 swapped += 3
                 continue
             if type(child) is Mlp and child.fc1.has_bias and not child.fc1.activation_flag:
-                _set_child(parent, name, Bf16Mlp(child))
+                set_child(parent, name, Bf16Mlp(child))
                 replaced.add(id(child))
                 swapped += 2
                 continue
             if convs and isinstance(child, nn.Conv2d) and _conv_geometry(child) is not None:
-                _set_child(parent, name, Bf16Conv2d(child))
+                set_child(parent, name, Bf16Conv2d(child))
                 swapped += 1
                 continue
             parts = _replaceable(child)
             if parts is not None:
-                _set_child(parent, name, Bf16Linear(*parts))
+                set_child(parent, name, Bf16Linear(*parts))
                 swapped += 1
     sync_parameter_names(model)  # MindSpore renamed the moved Parameters relative to their new cells
     return swapped
@@ -445,7 +437,7 @@ def use_fused_norms(model):
     number swapped; 0 (one warning line, model unchanged) when the kernels cannot be built here.
     """
     from pixart.models.autoencoder_kl import GroupNorm
-    from pixart.models.lora import sync_parameter_names
+    from pixart.models.layers import set_child, sync_parameter_names
     from pixart.models.pixart import AdaLayerNorm, GatedResidual
 
     if not _available(kernel_library, "fused norm kernels"):
@@ -454,11 +446,11 @@ def use_fused_norms(model):
     for parent in [cell for _, cell in model.cells_and_names()]:
         for name, child in list(parent.name_cells().items()):
             if type(child) is AdaLayerNorm and child.norm.eps == 1e-6:
-                _set_child(parent, name, FusedAdaLayerNorm())
+                set_child(parent, name, FusedAdaLayerNorm())
             elif type(child) is GatedResidual:
-                _set_child(parent, name, FusedGatedResidual())
+                set_child(parent, name, FusedGatedResidual())
             elif type(child) is GroupNorm and child.weight.dtype == ms.float32:
-                _set_child(parent, name, FusedGroupNorm(child))
+                set_child(parent, name, FusedGroupNorm(child))
             else:
                 continue
             swapped += 1

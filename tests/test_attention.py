@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import mindspore as ms
 
 from pixart.models.attention import mask_to_bias, resolve_backend, scaled_dot_product_attention
+from tiny_models import tiny_pixart
 
 
 def test_auto_backend_is_math_off_ascend():
@@ -26,3 +27,53 @@ def test_masked_attention_matches_torch(scale):
                                          scale=scale).numpy()
     assert out.shape == (2, 3, 5, 8)
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def _token_major(x):
+    """(N, H, L, D) -> (N, L, H·D)."""
+    n, h, length, d = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(n, length, h * d))
+
+
+@pytest.mark.parametrize("backend", ["math", "cpu"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("lengths", [(5, 7), (37, 300)])  # 300 keys: query blocks of the cpu kernel < 37 rows
+def test_token_major_layout_matches_torch(backend, masked, lengths):
+    """(N, L, H·D) inputs with num_heads, for the math backend and the fused CPU kernel (which the
+    pipelines switch on with use_fused_attention), eager and compiled."""
+    from pixart.ops import cpu_kernels
+
+    if backend == "cpu":
+        cpu_kernels.use_fused_attention(tiny_pixart())  # makes the kernel's ops
+    t, s = lengths
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in [(3, 4, t, 8), (3, 4, s, 8), (3, 4, s, 8)])
+    mask = np.ones((3, s), np.float32)
+    mask[0, 3:] = 0
+    mask[2, :-1] = 0  # only the last key
+    bias = mask_to_bias(ms.Tensor(mask)) if masked else None
+    ref = F.scaled_dot_product_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                                         attn_mask=torch.from_numpy(mask).bool()[:, None, None, :] if masked else None)
+    ref = _token_major(ref.numpy())
+    if masked:
+        np.testing.assert_array_equal(ref[2], _token_major(np.repeat(v[:, :, -1:], t, axis=2))[2])
+    def attend(a, b, c):
+        return scaled_dot_product_attention(a, b, c, bias=bias, backend=backend, num_heads=4)
+
+    inputs = [ms.Tensor(_token_major(x)) for x in (q, k, v)]
+    for out in (attend(*inputs), ms.jit(attend)(*inputs)):  # eager, then compiled
+        assert out.shape == (3, t, 32)
+        np.testing.assert_allclose(out.asnumpy(), ref, atol=2e-6, rtol=0)
+
+
+def test_cpu_kernel_refuses_what_it_does_not_compute():
+    from pixart.ops import cpu_kernels
+
+    cpu_kernels.use_fused_attention(tiny_pixart())
+    q = ms.Tensor(np.zeros((1, 2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="num_heads"):
+        scaled_dot_product_attention(q, q, q, backend="cpu")
+    tokens = ms.Tensor(np.zeros((1, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="key-padding"):
+        scaled_dot_product_attention(tokens, tokens, tokens, bias=ms.Tensor(np.zeros((1, 2, 3, 3), np.float32)),
+                                     backend="cpu", num_heads=2)

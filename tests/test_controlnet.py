@@ -178,6 +178,20 @@ def test_graph_mode_equals_pynative(sigma):
     np.testing.assert_allclose(graph, eager, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_text_context_covers_the_copied_blocks(sigma, mode):
+    """ControlPixArt's ``text_context``: the base blocks' caption K/V, then the copied blocks'."""
+    net = sigma[2]
+    x, t, y, mask, control = inputs(8, 12)
+    context = net.text_context(ms.Tensor(y))
+    assert len(context) == len(net.base_model.blocks) + net.num_layers
+    ms.set_context(mode=mode)
+    features = ms_forward(net, x, t, y, mask, control)
+    cached = net(ms.Tensor(x), ms.Tensor(t), context, ms.Tensor(mask), None, None, None, ms.Tensor(control),
+                 1.0).asnumpy()
+    np.testing.assert_array_equal(cached, features)
+
+
 # ----------------------------------------------------------------------------- layouts
 
 

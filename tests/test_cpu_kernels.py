@@ -14,8 +14,9 @@ from mindspore import nn
 
 from pixart.models.pixart_weights import from_pretrained
 from pixart.ops import cpu_kernels
-from pixart.ops.cpu_kernels import (Bf16Linear, Bf16Mlp, FusedAdaLayerNorm, FusedGatedResidual, bf16_gemm_layers,
-                                    fused_norm_layers, use_bf16_gemm, use_fused_norms)
+from pixart.ops.cpu_kernels import (Bf16Linear, Bf16Mlp, FusedAdaLayerNorm, FusedGatedResidual, FusedLinear, FusedMlp,
+                                    bf16_gemm_layers, fused_attention_layers, fused_linear_layers, fused_norm_layers,
+                                    use_bf16_gemm, use_fused_attention, use_fused_linears, use_fused_norms)
 from test_pixart_dit import inputs, ms_forward, tiny_diffusers, torch_forward
 from tiny_models import with_bf16_rounded_linears
 
@@ -62,6 +63,25 @@ def test_bf16_matmul_bias_and_gelu_are_applied_in_the_kernel(gelu):
     assert (out.asnumpy() < 0).any()
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_f32_linear_kernel_matches_float64(gelu):
+    """x·wᵀ + b (then tanh-GELU) by the fp32 kernel: fp32 rounding only (67 outputs: eight 8-wide
+    vectors and a 3-wide tail; 1 and 2 rows too)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((67, 130)).astype(np.float32) / 8
+    b = rng.standard_normal(67).astype(np.float32)
+    op = cpu_kernels.f32_linear_op(gelu)
+    for shape in [(2, 9, 130), (1, 130), (2, 130)]:
+        x = rng.standard_normal(shape).astype(np.float32) * 2
+        out = op(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b))
+        assert out.shape == shape[:-1] + (67,) and out.dtype == ms.float32
+        expected = x.astype(np.float64) @ w.T.astype(np.float64) + b
+        if gelu:
+            expected = 0.5 * expected * (1 + np.tanh(np.sqrt(2 / np.pi) * (expected + 0.044715 * expected ** 3)))
+            assert (expected < -0.1).any()  # the GELU's negative lobe is exercised
+        assert _rel_err(out.asnumpy(), expected) < 1e-6
+
+
 @pytest.mark.parametrize("dim", [1152, 20])
 def test_ada_layer_norm_and_gated_residual_kernels(dim):
     rng = np.random.default_rng(2)
@@ -89,6 +109,41 @@ def test_use_fused_norms_dit_matches_diffusers_in_both_modes(tmp_path):
     np.testing.assert_allclose(eager, plain, rtol=0, atol=2e-6 * np.abs(plain).max())
     ms.set_context(mode=ms.GRAPH_MODE)
     graph = ms_forward(model, x, t, y, mask)
+    np.testing.assert_allclose(graph, eager, rtol=0, atol=1e-6 * np.abs(eager).max())
+
+
+@pytest.mark.parametrize("micro", [False, True])
+def test_use_fused_linears_and_attention_dit_matches_diffusers_in_both_modes(tmp_path, micro):
+    """Every fp32 Dense of the DiT (the Mlps with their GELU inside fc1's kernel) as FusedLinear and
+    every attention as the fused kernel, on top of the fused norms (what the pipelines run on CPU):
+    diffusers parity, Parameter names kept."""
+    # PixArt-α 1024-MS's size embedders take hidden/3 each: 3 heads of 8
+    reference_model = lambda: tiny_diffusers(seed=6, micro=micro, heads=3 if micro else 2)  # noqa: E731
+    reference_model().save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path))
+    names = [name for name, _ in model.parameters_and_names()]
+    x, t, y, mask = inputs(h=8, w=12)
+    added = {"resolution": np.array([[64.0, 96.0]] * 2, np.float32), "aspect_ratio": np.array([[1.5]] * 2, np.float32)}
+    kw = added if micro else {}
+    plain = ms_forward(model, x, t, y, mask, **kw)
+    use_fused_norms(model)
+    # per block: qkv, proj, q_linear, kv_linear, cross proj, the Mlp's two; then the timestep Mlp's
+    # two, t_block, the caption Mlp's two, the final linear (and two Mlps of micro-conditions)
+    expected_layers = 7 * len(model.blocks) + 6 + (4 if micro else 0)
+    assert use_fused_linears(model) == fused_linear_layers(model) == expected_layers
+    assert isinstance(model.blocks[0].mlp, FusedMlp) and isinstance(model.blocks[0].attn.qkv, FusedLinear)
+    assert [name for name, _ in model.parameters_and_names()] == names
+    assert all(param.name == name for name, param in model.parameters_and_names())
+    assert use_fused_linears(model) == 0  # nothing left to swap
+    assert use_fused_attention(model) == fused_attention_layers(model) == 2 * len(model.blocks)
+    assert model.blocks[0].attn.backend == model.blocks[0].cross_attn.backend == "cpu"
+    eager = ms_forward(model, x, t, y, mask, **kw)
+    torch_kw = {"added": {k: torch.from_numpy(v) for k, v in added.items()}} if micro else {}
+    reference = torch_forward(reference_model(), x, t, y, mask, **torch_kw)
+    assert _rel_err(eager, reference) < 1e-5
+    np.testing.assert_allclose(eager, plain, rtol=0, atol=2e-6 * np.abs(plain).max())
+    ms.set_context(mode=ms.GRAPH_MODE)
+    graph = ms_forward(model, x, t, y, mask, **kw)
     np.testing.assert_allclose(graph, eager, rtol=0, atol=1e-6 * np.abs(eager).max())
 
 
@@ -244,8 +299,8 @@ def test_pipeline_use_bf16_gemm_matches_diffusers_bf16(tmp_path):
 
 
 def test_pipeline_fuses_norms_on_cpu_and_the_compile_cache_tells_the_variants_apart(tmp_path, monkeypatch):
-    """An fp32 DiT on CPU runs the fused norm kernels; the graph-cache signature counts fused and
-    bf16-GEMM layers, so a --dtype bf16 run never loads the fp32 run's graph (or the reverse)."""
+    """An fp32 DiT on CPU runs the fused norm and linear kernels; the graph-cache signature counts
+    fused and bf16-GEMM layers, so a --dtype bf16 run never loads the fp32 run's graph (or the reverse)."""
     from pixart import PixArtSigmaPipeline
     from pixart.utils import compile_cache
     from tests.tiny_models import make_pipeline_folder, seeded_latents
@@ -260,8 +315,12 @@ def test_pipeline_fuses_norms_on_cpu_and_the_compile_cache_tells_the_variants_ap
         pipe.mode, pipe.compile_cache = "graph", str(tmp_path / "cache")
         assert fused_norm_layers(pipe.transformer) == 4 * len(pipe.transformer.blocks)
         assert pipe(**kwargs).images[0].shape == (32, 32, 3)
-    assert [s["fused_norm_layers"] for s in signatures] == [4 * len(pipe.transformer.blocks)] * 2
+    depth = len(pipe.transformer.blocks)
+    assert [s["fused_norm_layers"] for s in signatures] == [4 * depth] * 2
     assert signatures[0]["bf16_gemm_layers"] == 0 < signatures[1]["bf16_gemm_layers"]
+    # fp32: every linear layer fused; bf16: all of them are bf16 GEMMs instead
+    assert [s["fused_linear_layers"] for s in signatures] == [7 * depth + 6, 0]
+    assert [s["fused_attention_layers"] for s in signatures] == [2 * depth] * 2
 
 
 @pytest.mark.parametrize("k,stride,padding,shape", [(3, 1, 1, (2, 5, 9, 11)), (1, 1, 0, (1, 6, 4, 7)),

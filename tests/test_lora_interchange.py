@@ -14,7 +14,7 @@ import mindspore as ms
 
 from pixart.models.lora import inject_lora, load_lora, lora_modules, merge_lora, save_lora
 from pixart.models.pixart_weights import from_pretrained
-from pixart.ops.cpu_kernels import use_fused_norms
+from pixart.ops.cpu_kernels import use_fused_kernels
 from pixart.utils.errors import CheckpointError
 from test_pixart_dit import inputs, ms_forward, run_convert, tiny_diffusers, torch_forward
 
@@ -116,7 +116,7 @@ def test_pipeline_config_loads_shared_lora(peft_files):
                           mode="pynative", image_size=None).build()
     expected = from_pretrained(checkpoint)
     merge_lora(expected, load_lora(root / "kohya_lora.safetensors"), strength=0.5)
-    use_fused_norms(expected)  # what the pipeline does to an fp32 DiT on CPU
+    use_fused_kernels(expected)  # what the pipeline does to an fp32 DiT on CPU
     x, t, y, mask = inputs(h=8, w=12)
     np.testing.assert_array_equal(ms_forward(pipe.transformer, x, t, y, mask), ms_forward(expected, x, t, y, mask))
 

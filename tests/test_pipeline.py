@@ -102,6 +102,24 @@ def test_trimmed_text_tokens_match_diffusers_padded_to_300(sigma_folder):
     assert ref.std() > 0.05 and np.abs(out - ref).max() <= TOLERANCE
 
 
+def test_caption_kv_projected_once_per_generation_not_per_step(sigma_folder, monkeypatch):
+    """The blocks' caption K/V are the same at every step: the pipeline projects them once per call
+    of the denoiser's row groups (here 2 images, one group each on CPU), whatever the step count."""
+    from pixart.models.pixart import CrossAttention
+
+    calls = []
+    text_kv = CrossAttention.text_kv
+    monkeypatch.setattr(CrossAttention, "text_kv", lambda self, y: calls.append(y.shape) or text_kv(self, y))
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder))
+    depth = len(pipe.transformer.blocks)
+    for steps in (2, 5):
+        calls.clear()
+        pipe(PROMPTS, num_inference_steps=steps, height=64, width=64, output_type="latent", progress=False,
+             use_resolution_binning=False)
+        assert len(calls) == 2 * depth  # 2 rows each (unconditional, conditional)
+        assert {shape[0] for shape in calls} == {2}
+
+
 @pytest.mark.parametrize("sampler", ["dpm", "sa-solver", "ddim", "iddpm"])
 def test_every_sampler_runs_and_is_deterministic(sigma_folder, sampler):
     pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder), sampler=sampler)

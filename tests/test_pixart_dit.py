@@ -170,6 +170,30 @@ def test_graph_mode_equals_pynative(diffusers_folder):
     np.testing.assert_allclose(graph, eager, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_text_context_computed_once_gives_the_same_prediction(diffusers_folder, mode):
+    """Samplers pass the blocks' caption K/V (``text_context``, computed once per prompt, eagerly, as
+    the pipeline does) instead of the T5 features at every step: the same prediction."""
+    model = from_pretrained(diffusers_folder)
+    x, t, y, mask = inputs(h=8, w=12)
+    context = model.text_context(ms.Tensor(y))
+    assert len(context) == len(model.blocks)
+    assert [tuple(a.shape) for a in context[0]] == [(2, TOKENS, HEADS * HEAD_DIM)] * 2
+    ms.set_context(mode=mode)
+    features = ms_forward(model, x, t, y, mask)
+    cached = model(ms.Tensor(x), ms.Tensor(t), context, ms.Tensor(mask)).asnumpy()
+    np.testing.assert_array_equal(cached, features)
+    assert np.abs(features - ms_forward(model, x, t, y[::-1].copy(), mask)).max() > 1e-2  # the text matters
+
+
+def test_text_context_refuses_caption_dropout(diffusers_folder):
+    model = from_pretrained(diffusers_folder)
+    x, t, y, mask = inputs()
+    with pytest.raises(ValueError, match="drop_ids"):
+        model(ms.Tensor(x), ms.Tensor(t), model.text_context(ms.Tensor(y)), ms.Tensor(mask),
+              drop_ids=ms.Tensor(np.array([True, False])))
+
+
 def original_pth(folder, path, wrapper="state_dict"):
     """Write diffusers weights as an original-layout .pth with a pos_embed buffer.
 

@@ -68,10 +68,10 @@ class ControlBlock(nn.Cell):
         self.copied_block = PixArtBlock(hidden_size, num_heads, mlp_ratio, kv_compress, kv_scale, qk_norm, backend)
         self.after_proj = zero_dense(hidden_size)
 
-    def construct(self, x, c, y, text_bias, t0, grid_h, grid_w):
+    def construct(self, x, c, text_kv, text_bias, t0, grid_h, grid_w):
         if self.first:
             c = x + self.before_proj(c)
-        c = self.copied_block(c, y, text_bias, t0, grid_h, grid_w)
+        c = self.copied_block(c, text_kv, text_bias, t0, grid_h, grid_w)
         return c, self.after_proj(c)
 
 
@@ -165,24 +165,33 @@ class ControlPixArt(nn.Cell):
         self.controlnet = controlnet.controlnet  # the CellList: names controlnet.N.*, as the official file
         self.num_layers = controlnet.num_layers
 
+    def text_context(self, y, drop_ids=None):
+        """The base model's ``text_context`` followed by the copied blocks' (K, V)."""
+        base = self.base_model
+        y = base.embed_caption(y, drop_ids)
+        return tuple(block.cross_attn.text_kv(y) for block in base.blocks) + \
+            tuple(layer.copied_block.cross_attn.text_kv(y) for layer in self.controlnet)
+
     def construct(self, x, timestep, y, mask=None, resolution=None, aspect_ratio=None, drop_ids=None, control=None,
                   scale=1.0):
         base = self.base_model
-        x_tokens, y, text_bias, t, t0, grid_h, grid_w = base.embed_inputs(x, timestep, y, mask, resolution,
-                                                                          aspect_ratio, drop_ids)
-        x = x_tokens
+        if isinstance(y, tuple) and drop_ids is not None:
+            raise ValueError("drop_ids replaces caption features; a precomputed text_context has none")
+        text = y if isinstance(y, tuple) else self.text_context(y, drop_ids)
+        x, text_bias, t, t0, grid_h, grid_w = base.embed_inputs(x, timestep, mask, resolution, aspect_ratio)
         blocks = base.blocks
         if control is None:
-            for block in blocks:
-                x = block(x, y, text_bias, t0, grid_h, grid_w)
+            for i, block in enumerate(blocks):
+                x = block(x, text[i], text_bias, t0, grid_h, grid_w)
             return base.decode_tokens(x, t, grid_h, grid_w)
+        depth = len(blocks)
         c = base.embed_patches(control, grid_h, grid_w)  # the hint: base patch + position embedding
-        x = blocks[0](x, y, text_bias, t0, grid_h, grid_w)
+        x = blocks[0](x, text[0], text_bias, t0, grid_h, grid_w)
         for i in range(self.num_layers):
-            c, residual = self.controlnet[i](x, c, y, text_bias, t0, grid_h, grid_w)
-            x = blocks[i + 1](x + residual * scale, y, text_bias, t0, grid_h, grid_w)
-        for i in range(self.num_layers + 1, len(blocks)):
-            x = blocks[i](x, y, text_bias, t0, grid_h, grid_w)
+            c, residual = self.controlnet[i](x, c, text[depth + i], text_bias, t0, grid_h, grid_w)
+            x = blocks[i + 1](x + residual * scale, text[i + 1], text_bias, t0, grid_h, grid_w)
+        for i in range(self.num_layers + 1, depth):
+            x = blocks[i](x, text[i], text_bias, t0, grid_h, grid_w)
         return base.decode_tokens(x, t, grid_h, grid_w)
 
 

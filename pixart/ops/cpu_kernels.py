@@ -1,4 +1,5 @@
-"""CPU kernels as MindSpore ``ops.Custom`` AOT ops: bf16 GEMM, fast bf16 -> fp32 upcast, fused norms.
+"""CPU kernels as MindSpore ``ops.Custom`` AOT ops: bf16 GEMM, fast bf16 -> fp32 upcast, fused norms
+and fp32 linears.
 
 MindSpore 2.7's CPU backend has no bf16 MatMul, its bf16 -> fp32 Cast is slow (about 5× an fp16
 Cast), and its CPU LayerNorm and broadcasting elementwise ops cost more than the DiT's GEMMs
@@ -9,6 +10,7 @@ around them. ``cpu_kernels.cc`` fills those gaps:
     bf16_to_fp32(w bf16) -> fp32                              exact, a 16-bit shift
     ada_layer_norm(x (B, T, D), shift, scale (B, 1, D))       LayerNorm(x)·(1 + scale) + shift, fp32
     gated_residual(x (B, T, D), gate (B, 1, D), h (B, T, D))  x + gate·h, fp32
+    f32_linear(x (..., K), w (N, K), b (N)) -> (..., N) fp32  x·wᵀ + b (then tanh-GELU), one kernel
 
 The GEMM is oneDNN's ``gemm_bf16bf16f32`` from the ``libdnnl.so.2`` that ships inside MindSpore,
 so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
@@ -24,7 +26,10 @@ and how the tests check these kernels on such CPUs).
 ``use_bf16_gemm(model)`` switches a model's linear layers (``nn.Dense`` and the T5 ``Linear``)
 to the bf16 GEMM, storing their weights in bf16 (half the memory); an ``Mlp``'s fc1 gets its GELU
 in the same kernel. ``use_fused_norms(model)`` switches the DiT blocks' ``AdaLayerNorm`` and
-``GatedResidual`` (fp32) to their one-pass kernels; they need no bf16 instructions.
+``GatedResidual`` (fp32) to their one-pass kernels, and ``use_fused_linears(model)`` its fp32
+``nn.Dense`` layers to ``FusedLinear`` (oneDNN's sgemm with the bias, and an ``Mlp``'s GELU, inside
+the kernel: MindSpore's BiasAdd and six-op GELU cost a fifth of the MLP's time at 512 rows); they
+need no bf16 instructions.
 """
 import ctypes
 import functools
@@ -202,6 +207,35 @@ def gated_residual_op():
                       out_dtype=lambda x, gate, h: ms.float32, func_type="aot")
 
 
+def f32_linear_op(gelu=False):
+    """ops.Custom: (x (..., K), w (N, K), b (N)) fp32 -> x·wᵀ + b (then tanh-GELU) (..., N) fp32, by
+    oneDNN's sgemm onto rows that start as the bias."""
+    name = "F32MatMulBiasGelu" if gelu else "F32MatMulBias"
+    return ops.Custom(f"{kernel_library()}:{name}", out_shape=lambda x, w, b: _matmul_shape(x, w),
+                      out_dtype=lambda x, w, b: ms.float32, func_type="aot")
+
+
+def attention_op(key_bias):
+    """ops.Custom: (q (N, T, H·d), k (N, S, H·d), v (N, S, H·d)[, key_bias (N, S)], config (H) = the
+    scale) fp32 -> softmax(q kᵀ·scale (+ key_bias)) v per head, (N, T, H·d)."""
+    name = "AttentionBias" if key_bias else "Attention"
+    return ops.Custom(f"{kernel_library()}:{name}", out_shape=lambda q, *rest: q,
+                      out_dtype=lambda *args: ms.float32, func_type="aot")
+
+
+# (without, with a key bias): made by use_fused_attention, read by fused_attention inside graphs
+ATTENTION_OPS = None
+
+
+def fused_attention(q, k, v, key_bias, num_heads, scale):
+    """The ``"cpu"`` attention backend (``pixart.models.attention``): q (N, T, H·d), k/v (N, S, H·d),
+    key_bias (N, S) or None, fp32 -> (N, T, H·d). Needs ``use_fused_attention`` to have run."""
+    config = ops.full((num_heads,), scale, dtype=ms.float32)  # its length tells the kernel the head count
+    if key_bias is None:
+        return ATTENTION_OPS[0](q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), config)
+    return ATTENTION_OPS[1](q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), key_bias, config)
+
+
 def bf16_to_fp32_op():
     """ops.Custom: w bf16 (any shape) -> the same values in fp32."""
     return ops.Custom(f"{kernel_library()}:Bf16ToF32", out_shape=lambda w: w, out_dtype=lambda w: ms.float32,
@@ -366,6 +400,35 @@ class FusedGatedResidual(nn.Cell):
         return self.op(x, gate, h)
 
 
+class FusedLinear(nn.Cell):
+    """An fp32 ``nn.Dense`` with bias as one kernel: x (..., in) -> x Wᵀ + b (then tanh-GELU) (..., out).
+
+    oneDNN's sgemm adds x Wᵀ onto rows that start as the bias, so there is no BiasAdd pass (and with
+    ``gelu`` no GELU ops: an ``Mlp``'s fc1). Holds the layer's own Parameters (same names).
+    """
+
+    def __init__(self, dense, gelu=False):
+        super().__init__()
+        self.weight, self.bias = dense.weight, dense.bias
+        self.linear = f32_linear_op(gelu)
+
+    def construct(self, x):
+        out = self.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return out.reshape(x.shape[:-1] + (self.weight.shape[0],))
+
+
+class FusedMlp(nn.Cell):
+    """An fp32 ``Mlp`` as two ``FusedLinear`` kernels, the GELU inside the first: (..., in) -> (..., out)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.fc1 = FusedLinear(mlp.fc1, gelu=True)
+        self.fc2 = FusedLinear(mlp.fc2)
+
+    def construct(self, x):
+        return self.fc2(self.fc1(x))
+
+
 def _replaceable(cell):
     """(weight, bias) of a linear layer that Bf16Linear can replace, else None (an Mlp is swapped whole)."""
     if isinstance(cell, nn.Dense):
@@ -396,35 +459,41 @@ def use_bf16_gemm(model, convs=False):
     GEMM is unavailable here. Weights become bf16; everything else (norms, attention, biases, and
     convs unless asked) keeps its dtype. Call it after the weights are loaded.
     """
-    from pixart.models.layers import gelu_tanh, set_child, sync_parameter_names
+    from pixart.models.layers import gelu_tanh
     from pixart.models.pixart import Mlp
     from pixart.models.t5 import FeedForward
 
     if not bf16_gemm_available():
         return 0
+
+    def swap(child):
+        if type(child) is FeedForward and child.gated and child.act is gelu_tanh:  # T5 v1.1
+            return Bf16GatedFeedForward(child), 3
+        if type(child) is Mlp and child.fc1.has_bias and not child.fc1.activation_flag:
+            return Bf16Mlp(child), 2
+        if convs and isinstance(child, nn.Conv2d) and _conv_geometry(child) is not None:
+            return Bf16Conv2d(child), 1
+        parts = _replaceable(child)
+        return None if parts is None else (Bf16Linear(*parts), 1)
+
+    return _swap_layers(model, swap)
+
+
+def _swap_layers(model, swap):
+    """Replace in place every sub-cell of ``model`` for which ``swap(cell)`` returns (new cell,
+    layers it counts for); a replaced cell's children are not visited. Returns the layers counted."""
+    from pixart.models.layers import set_child, sync_parameter_names
+
     swapped, replaced = 0, set()
     for parent in [cell for _, cell in model.cells_and_names()]:
         if id(parent) in replaced:
             continue
         for name, child in list(parent.name_cells().items()):
-            if type(child) is FeedForward and child.gated and child.act is gelu_tanh:  # T5 v1.1
-                set_child(parent, name, Bf16GatedFeedForward(child))
+            result = swap(child)
+            if result is not None:
+                set_child(parent, name, result[0])
                 replaced.add(id(child))
-                swapped += 3
-                continue
-            if type(child) is Mlp and child.fc1.has_bias and not child.fc1.activation_flag:
-                set_child(parent, name, Bf16Mlp(child))
-                replaced.add(id(child))
-                swapped += 2
-                continue
-            if convs and isinstance(child, nn.Conv2d) and _conv_geometry(child) is not None:
-                set_child(parent, name, Bf16Conv2d(child))
-                swapped += 1
-                continue
-            parts = _replaceable(child)
-            if parts is not None:
-                set_child(parent, name, Bf16Linear(*parts))
-                swapped += 1
+                swapped += result[1]
     sync_parameter_names(model)  # MindSpore renamed the moved Parameters relative to their new cells
     return swapped
 
@@ -437,22 +506,88 @@ def use_fused_norms(model):
     number swapped; 0 (one warning line, model unchanged) when the kernels cannot be built here.
     """
     from pixart.models.autoencoder_kl import GroupNorm
-    from pixart.models.layers import set_child, sync_parameter_names
     from pixart.models.pixart import AdaLayerNorm, GatedResidual
 
     if not _available(kernel_library, "fused norm kernels"):
         return 0
-    swapped = 0
-    for parent in [cell for _, cell in model.cells_and_names()]:
-        for name, child in list(parent.name_cells().items()):
-            if type(child) is AdaLayerNorm and child.norm.eps == 1e-6:
-                set_child(parent, name, FusedAdaLayerNorm())
-            elif type(child) is GatedResidual:
-                set_child(parent, name, FusedGatedResidual())
-            elif type(child) is GroupNorm and child.weight.dtype == ms.float32:
-                set_child(parent, name, FusedGroupNorm(child))
-            else:
-                continue
-            swapped += 1
-    sync_parameter_names(model)
-    return swapped
+
+    def swap(child):
+        if type(child) is AdaLayerNorm and child.norm.eps == 1e-6:
+            return FusedAdaLayerNorm(), 1
+        if type(child) is GatedResidual:
+            return FusedGatedResidual(), 1
+        if type(child) is GroupNorm and child.weight.dtype == ms.float32:
+            return FusedGroupNorm(child), 1
+        return None
+
+    return _swap_layers(model, swap)
+
+
+def _fusable_dense(cell):
+    """An fp32 ``nn.Dense`` with bias and no activation (what ``FusedLinear`` computes)."""
+    return (type(cell) is nn.Dense and cell.has_bias and not cell.activation_flag
+            and cell.weight.dtype == ms.float32 and cell.bias.dtype == ms.float32)
+
+
+def use_fused_linears(model):
+    """Swap ``model``'s fp32 linear layers (``nn.Dense`` with bias) for ``FusedLinear`` kernels and its
+    ``Mlp``s for ``FusedMlp`` (GELU in the fc1 kernel), in place.
+
+    For fp32 DiTs on CPU (layers already swapped by ``use_bf16_gemm`` are left alone). Returns the
+    number of layers swapped; 0 (one warning line, model unchanged) when the kernels cannot be
+    built here. The kernels have no gradient: for inference.
+    """
+    from pixart.models.pixart import Mlp
+
+    if not _available(kernel_library, "fused linear kernels"):
+        return 0
+
+    def swap(child):
+        if type(child) is Mlp and _fusable_dense(child.fc1) and _fusable_dense(child.fc2):
+            return FusedMlp(child), 2
+        return (FusedLinear(child), 1) if _fusable_dense(child) else None
+
+    return _swap_layers(model, swap)
+
+
+def fused_linear_layers(model):
+    """How many of ``model``'s linear layers run as ``FusedLinear`` kernels (0 for a plain model)."""
+    return sum(isinstance(cell, FusedLinear) for _, cell in model.cells_and_names())
+
+
+def use_fused_attention(model):
+    """Switch the self- and cross-attention of ``model`` (a DiT, a ControlNet branch) from the math
+    backend to the fused CPU kernel (``"cpu"``: no (N, H, T, S) scores in memory, no transposes
+    into and out of heads), in place. For fp32 DiTs on CPU, inference only (no gradient).
+
+    Returns the number switched; 0 (one warning line, model unchanged) when the kernel cannot be
+    built here.
+    """
+    global ATTENTION_OPS
+    from pixart.models.pixart import CrossAttention, SelfAttention
+
+    if not _available(kernel_library, "fused attention kernel"):
+        return 0
+    if ATTENTION_OPS is None:
+        ATTENTION_OPS = (attention_op(False), attention_op(True))
+    switched = 0
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, (SelfAttention, CrossAttention)) and cell.backend == "math":
+            cell.backend = "cpu"
+            switched += 1
+    return switched
+
+
+def fused_attention_layers(model):
+    """How many of ``model``'s attention layers run the fused CPU kernel."""
+    from pixart.models.pixart import CrossAttention, SelfAttention
+
+    return sum(isinstance(cell, (SelfAttention, CrossAttention)) and cell.backend == "cpu"
+               for _, cell in model.cells_and_names())
+
+
+def use_fused_kernels(model):
+    """What the pipelines switch on for an fp32 DiT (or ControlNet branch) on CPU, after
+    ``use_bf16_gemm`` when asked: ``use_fused_norms``, ``use_fused_linears`` (the linears still in
+    fp32) and ``use_fused_attention``. Returns the (norms, linears, attention layers) swapped."""
+    return use_fused_norms(model), use_fused_linears(model), use_fused_attention(model)

@@ -148,8 +148,9 @@ class PixArtSigmaPipeline:
         is 1.0, Σ 256 0.5; ``pe_interpolation`` overrides). ``lora`` (a path or ``load_lora``'s result)
         is merged into the DiT each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the
         DiT's and T5's linear layers and the VAE's convolutions run as bf16 GEMMs with bf16 weights
-        (``pixart.ops.cpu_kernels``; fp32 where unavailable). On CPU an fp32 DiT's norms and gates,
-        and an fp32 VAE's GroupNorm + SiLU, run as fused kernels."""
+        (``pixart.ops.cpu_kernels``; fp32 where unavailable). On CPU an fp32 DiT's norms, gates and
+        fp32 linear layers (bias and GELU inside the GEMM kernel), and an fp32 VAE's GroupNorm +
+        SiLU, run as fused kernels."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -174,7 +175,7 @@ class PixArtSigmaPipeline:
                 from pixart.ops import cpu_kernels
                 if use_bf16_gemm:
                     cpu_kernels.use_bf16_gemm(model)
-                cpu_kernels.use_fused_norms(model)
+                cpu_kernels.use_fused_kernels(model)
             model.set_train(False)
             return model
 
@@ -377,12 +378,13 @@ class PixArtSigmaPipeline:
         control = None
         if control_image is not None:  # hint latents, the same for the guided and unguided halves
             model, control = self._control_inputs(control_image, height, width, batch, do_cfg)
-        denoise = ImageRows(batch, do_cfg, per_image=ms.get_context("device_target") == "CPU",
+        denoise = ImageRows(model, batch, do_cfg, per_image=ms.get_context("device_target") == "CPU",
                             y=y, mask=y_mask, resolution=resolution, aspect=aspect, control=control)
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
         if self.mode == "graph" and self.compile_cache:
-            from pixart.ops.cpu_kernels import bf16_gemm_layers, fused_norm_layers
+            from pixart.ops.cpu_kernels import (bf16_gemm_layers, fused_attention_layers, fused_linear_layers,
+                                                fused_norm_layers)
             from pixart.utils.compile_cache import use_graph_cache
 
             base = self.transformer  # model is the ControlPixArt around it with a ControlNet
@@ -392,12 +394,13 @@ class PixArtSigmaPipeline:
                 "x": (rows,) + tuple(x.shape[1:]), "y": (rows,) + tuple(y.shape[1:]),
                 "mask": (rows,) + tuple(y_mask.shape[1:]), "micro": resolution is not None,
                 "backend": getattr(base.blocks[0].attn, "backend", None), "bf16_gemm_layers": bf16_gemm_layers(base),
-                "fused_norm_layers": fused_norm_layers(base),
+                "fused_norm_layers": fused_norm_layers(base), "fused_linear_layers": fused_linear_layers(base),
+                "fused_attention_layers": fused_attention_layers(base),
                 "controlnet": getattr(model, "num_layers", None)})
         try:
             for i, t in enumerate(tqdm(run, disable=not progress, desc="sampling")):
                 model_in = ops.concat([x, x], axis=0) if do_cfg else x
-                out = denoise(model, model_in, timesteps[i], controlnet_conditioning_scale)
+                out = denoise(model_in, timesteps[i], controlnet_conditioning_scale)
                 if do_cfg:
                     uncond, cond = out[:batch], out[batch:]
                     eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
@@ -457,6 +460,10 @@ class PixArtSigmaPipeline:
             branch = self.controlnet
             if not isinstance(branch, PixArtControlNet):
                 branch = load_controlnet(branch, base)
+                weight = branch.controlnet[0].after_proj.weight
+                if ms.get_context("device_target") == "CPU" and weight.dtype == ms.float32:
+                    from pixart.ops import cpu_kernels  # as for the DiT (from_components)
+                    cpu_kernels.use_fused_kernels(branch)
             branch.set_train(False)
             self._control_denoiser = (base, ControlPixArt(base, branch))
         return self._control_denoiser[1]
@@ -544,35 +551,41 @@ class ImageRows:
     With ``per_image`` (on CPU) each image's rows (its unconditional and conditional pair) go
     through the denoiser in a call of their own: CPU GEMM kernels round a row differently for
     other row counts (measured on AVX2), and image k must be bit for bit the same at any batch
-    size. Elsewhere the whole batch is one call. The per-call text, mask, micro-conditions and
-    ControlNet hints are split once; only the latents and timesteps are split each step.
+    size. Elsewhere the whole batch is one call. The per-call text context (the blocks' caption
+    K/V, ``model.text_context``), mask, micro-conditions and ControlNet hints are made once; only
+    the latents and timesteps are split each step.
     """
 
-    def __init__(self, batch, guided, per_image, y, mask, resolution=None, aspect=None, control=None):
+    def __init__(self, model, batch, guided, per_image, y, mask, resolution=None, aspect=None, control=None):
         model_batch = batch * (2 if guided else 1)
         if per_image and batch > 1:
             self.groups = [[k, batch + k] if guided else [k] for k in range(batch)]
         else:
             self.groups = [list(range(model_batch))]
+        self.model = model
         self.rows_per_call = len(self.groups[0])
         self.picks = [ms.Tensor(np.array(g, np.int32)) for g in self.groups]
-        self.inputs = [tuple(self._take(v, pick) for v in (y, mask, resolution, aspect, control)) for pick in self.picks]
+        self.inputs = []
+        for pick in self.picks:
+            y_k, mask_k, resolution_k, aspect_k, control_k = (self._take(v, pick)
+                                                              for v in (y, mask, resolution, aspect, control))
+            self.inputs.append((model.text_context(y_k), mask_k, resolution_k, aspect_k, control_k))
         self.order = ms.Tensor(np.argsort(np.concatenate(self.groups)).astype(np.int32))
 
     def _take(self, v, pick):
         return v if v is None or len(self.groups) == 1 else ops.gather(v, pick, 0)
 
-    def __call__(self, model, x, t, control_scale=1.0):
+    def __call__(self, x, t, control_scale=1.0):
         """x (model batch, C, H, W), t (model batch,) -> the denoiser's output, rows in x's order."""
-        outs = []
-        for pick, (y, mask, resolution, aspect, control) in zip(self.picks, self.inputs):
+        model, outs = self.model, []
+        for pick, (text, mask, resolution, aspect, control) in zip(self.picks, self.inputs):
             x_k, t_k = self._take(x, pick), self._take(t, pick)
             if control is not None:
-                outs.append(model(x_k, t_k, y, mask, resolution, aspect, None, control, control_scale))
+                outs.append(model(x_k, t_k, text, mask, resolution, aspect, None, control, control_scale))
             elif resolution is not None:
-                outs.append(model(x_k, t_k, y, mask, resolution, aspect))
+                outs.append(model(x_k, t_k, text, mask, resolution, aspect))
             else:
-                outs.append(model(x_k, t_k, y, mask))
+                outs.append(model(x_k, t_k, text, mask))
         return outs[0] if len(outs) == 1 else ops.gather(ops.concat(outs, axis=0), self.order, 0)
 
 

@@ -148,9 +148,9 @@ class PixArtSigmaPipeline:
         is 1.0, Σ 256 0.5; ``pe_interpolation`` overrides). ``lora`` (a path or ``load_lora``'s result)
         is merged into the DiT each time it loads, with ``lora_scale``. ``use_bf16_gemm`` (CPU): the
         DiT's and T5's linear layers and the VAE's convolutions run as bf16 GEMMs with bf16 weights
-        (``pixart.ops.cpu_kernels``; fp32 where unavailable). On CPU an fp32 DiT's norms, gates and
-        fp32 linear layers (bias and GELU inside the GEMM kernel), and an fp32 VAE's GroupNorm +
-        SiLU, run as fused kernels."""
+        (``pixart.ops.cpu_kernels``; fp32 where unavailable). On CPU an fp32 DiT's norms, gates, attention
+        and fp32 linear layers (bias and GELU inside the GEMM kernel), and an fp32 VAE's GroupNorm
+        + SiLU, run as fused kernels (``cpu_kernels.use_fused_kernels``)."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer

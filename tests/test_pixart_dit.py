@@ -186,6 +186,79 @@ def test_text_context_computed_once_gives_the_same_prediction(diffusers_folder, 
     assert np.abs(features - ms_forward(model, x, t, y[::-1].copy(), mask)).max() > 1e-2  # the text matters
 
 
+
+def _count_parses(monkeypatch):
+    """{function qualname: times MindSpore's graph parser read it}, filled as graphs compile."""
+    from mindspore._extends.parse import parser
+
+    counts, parse = {}, parser.Parser.__init__
+
+    def counting(self, fn, *args, **kwargs):
+        parse(self, fn, *args, **kwargs)
+        counts[self.function_name] = counts.get(self.function_name, 0) + 1
+
+    monkeypatch.setattr(parser.Parser, "__init__", counting)
+    return counts
+
+
+def test_blocks_compiled_once_per_structure_bitwise(monkeypatch):
+    """``compile_blocks_once``: graph mode parses a block structure once (not once per block) and the
+    prediction is bitwise unchanged; a block with a LoRA is another structure with its own graph
+    (MindSpore shares by the key alone, so a wrong key would run the wrong block)."""
+    from pixart.models.lora import inject_lora
+    from pixart.models.pixart import compile_blocks_once
+
+    def model():
+        m = tiny_pixart(random_seed=3, depth=4)
+        inject_lora(m, 2, target_modules=["blocks.0.attn.qkv"])
+        for name, param in m.parameters_and_names():
+            if "lora_B" in name:  # B starts at zero: make the adapter change the output
+                param.set_data(ms.Tensor(np.full(param.shape, 0.5, np.float32)))
+        m.set_train(False)
+        return m
+
+    x, t, _, _ = inputs(h=8, w=12)
+    y = np.random.default_rng(4).standard_normal((2, 120, 8)).astype(np.float32)
+    mask = np.ones((2, 120), np.int64)
+    mask[0, 7:] = 0
+    counts = _count_parses(monkeypatch)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    separate = ms_forward(model(), x, t, y, mask)
+    assert counts["PixArtBlock.construct"] == 4
+    counts.clear()
+    shared_model = model()
+    compile_blocks_once(shared_model)
+    keys = [block.cell_init_args for block in shared_model.blocks]
+    assert keys[0] != keys[1] and keys[1] == keys[2] == keys[3]
+    shared = ms_forward(shared_model, x, t, y, mask)
+    assert counts["PixArtBlock.construct"] <= 2  # once per structure (less if an earlier test parsed one)
+    np.testing.assert_array_equal(shared, separate)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert np.abs(ms_forward(tiny_pixart(random_seed=3, depth=4), x, t, y, mask) - separate).max() > 1e-3
+
+
+def test_structure_key_follows_what_a_block_computes():
+    from pixart.models.layers import structure_key
+    from pixart.models.lora import inject_lora
+    from pixart.ops import cpu_kernels
+
+    model = tiny_pixart(depth=3)
+    first = structure_key(model.blocks[0])
+    assert structure_key(model.blocks[1]) == first  # other weights, same function
+    model.blocks[2].set_train(True)
+    assert structure_key(model.blocks[2]) != first  # mode
+    model.blocks[2].set_train(False)
+    model.blocks[1].attn.backend = "flash"
+    assert structure_key(model.blocks[1]) != first  # a setting
+    model.blocks[1].attn.backend = model.blocks[0].attn.backend
+    model.blocks[1].scale_shift_table.set_dtype(ms.float16)
+    assert structure_key(model.blocks[1]) != first  # a dtype
+    inject_lora(model, 2, target_modules=["blocks.2.mlp.fc1"])
+    assert structure_key(model.blocks[2]) != structure_key(model.blocks[0])  # a layer swapped deeper down
+    before = structure_key(model.blocks[0])
+    cpu_kernels.use_fused_attention(model)
+    assert structure_key(model.blocks[0]) != before
+
 def test_text_context_refuses_caption_dropout(diffusers_folder):
     model = from_pretrained(diffusers_folder)
     x, t, y, mask = inputs()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pixart.data.aspect_ratios import classify_height_width_bin, get_bins, resize_and_crop_batch
 from pixart.tables import PE_INTERPOLATION, TEXT_TOKENS, pe_interpolation_for
+from pixart.models.pixart import compile_blocks_once
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.pipelines import img2img
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler, sampler_for_scheduler_config
@@ -382,6 +383,8 @@ class PixArtSigmaPipeline:
                             y=y, mask=y_mask, resolution=resolution, aspect=aspect, control=control)
         previous_mode = ms.get_context("mode")
         ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE)
+        if self.mode == "graph":  # after any layer swap (LoRA, kernels): the blocks' keys follow them
+            compile_blocks_once(model)
         if self.mode == "graph" and self.compile_cache:
             from pixart.ops.cpu_kernels import (bf16_gemm_layers, fused_attention_layers, fused_linear_layers,
                                                 fused_norm_layers)

@@ -4,6 +4,7 @@ Reference semantics of the bf16 GEMM: torch fp32 matmul of the bf16-rounded oper
 summation order differs), and diffusers' model run in bf16 for the end-to-end parity.
 """
 import logging
+import os
 
 import ml_dtypes
 import numpy as np
@@ -81,6 +82,31 @@ def test_f32_linear_kernel_matches_float64(gelu):
             assert (expected < -0.1).any()  # the GELU's negative lobe is exercised
         assert _rel_err(out.asnumpy(), expected) < 1e-6
 
+
+def test_f32_matmul_kernel_and_the_sgemm_it_uses():
+    """x·wᵀ without bias (T5's projections), by numpy's OpenBLAS sgemm where numpy bundles one (as
+    the pinned numpy<2 wheels do), written into rows that start at zero (not uninitialised memory)."""
+    path, symbol = cpu_kernels.numpy_openblas()
+    assert os.path.isfile(path) and symbol.endswith("sgemm64_")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((67, 130)).astype(np.float32) / 8
+    op = cpu_kernels.f32_matmul_op()
+    for shape in [(2, 9, 130), (1, 130)]:
+        x = rng.standard_normal(shape).astype(np.float32) * 2
+        out = op(ms.Tensor(x), ms.Tensor(w))
+        assert out.shape == shape[:-1] + (67,) and out.dtype == ms.float32
+        assert _rel_err(out.asnumpy(), x.astype(np.float64) @ w.T.astype(np.float64)) < 1e-6
+    empty = op(ms.Tensor(np.zeros((3, 0), np.float32)), ms.Tensor(np.zeros((4, 0), np.float32))).asnumpy()
+    np.testing.assert_array_equal(empty, np.zeros((3, 4), np.float32))
+
+
+def test_t5_projections_run_on_the_sgemm_kernel(tmp_path):
+    from pixart.models.t5 import Linear, T5Config, T5Encoder
+
+    config = T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                      feed_forward_proj="gated-gelu")
+    linears = [c for _, c in T5Encoder(config).cells_and_names() if isinstance(c, Linear)]
+    assert len(linears) == 7 and all("F32MatMul" in str(c.matmul.func) for c in linears)
 
 @pytest.mark.parametrize("dim", [1152, 20])
 def test_ada_layer_norm_and_gated_residual_kernels(dim):

@@ -138,6 +138,7 @@ class Linear(nn.Cell):
     nn.Dense cannot mix a bf16 weight with fp32 inputs, and CPU MindSpore has no bf16 matmul, so
     the weight is upcast to the input's dtype here, one matrix at a time (transient memory only):
     by ``upcast`` (the fast bf16 -> fp32 kernel, set by T5Encoder on CPU) or else MindSpore's Cast.
+    ``matmul`` is MindSpore's MatMul, or in fp32 on CPU the kernels' sgemm (set by T5Encoder).
     """
 
     bf16_gemm_compatible = True  # pixart.ops.cpu_kernels.use_bf16_gemm may swap it for a bf16 GEMM
@@ -364,17 +365,19 @@ class T5Encoder(nn.Cell):
         self.weight_dtype = weight_dtype or dtype
         self.shared = Embedding(config.vocab_size, config.d_model, dtype)
         self.encoder = Encoder(config, dtype, self.weight_dtype, resolve_backend(backend))
-        if self.weight_dtype == ms.bfloat16 and dtype == ms.float32 and ms.get_context("device_target") == "CPU":
-            self._use_fast_upcast()
+        if dtype == ms.float32 and ms.get_context("device_target") == "CPU":
+            self._use_cpu_kernels()
 
-    def _use_fast_upcast(self):
-        """Upcast bf16 projections with the custom CPU kernel (same values as Cast, ~10× faster)."""
-        if not cpu_kernels.fast_upcast_available():  # it warned once; MindSpore's Cast is used
+    def _use_cpu_kernels(self):
+        """fp32 on CPU: the projections by the kernels' sgemm (``pixart.ops.cpu_kernels.f32_matmul_op``)
+        and bf16-stored weights upcast by the custom kernel (same values as Cast, ~10× faster)."""
+        if not cpu_kernels.kernels_available("T5 CPU kernels"):  # it warned once; MindSpore's ops are used
             return
-        upcast = cpu_kernels.bf16_to_fp32_op()
+        matmul = cpu_kernels.f32_matmul_op()
+        upcast = cpu_kernels.bf16_to_fp32_op() if self.weight_dtype == ms.bfloat16 else None
         for _, cell in self.cells_and_names():
             if isinstance(cell, Linear):
-                cell.upcast = upcast
+                cell.matmul, cell.upcast = matmul, upcast
 
     def construct(self, input_ids, attention_mask=None):
         """input_ids (N, L) int, attention_mask (N, L) 1/0 (default all ones) -> (N, L, D)."""

@@ -17,8 +17,11 @@
 //   * AdaLayerNorm: LayerNorm (no affine, eps 1e-6) then x·(1 + scale) + shift, scale/shift per
 //     image: one pass instead of MindSpore's CPU LayerNorm (slow) + Tile + Mul + Add.
 //   * GatedResidual: x + gate·h, gate per image: one pass instead of Tile + Mul + Add.
-//   * F32MatMulBias / F32MatMulBiasGelu: an fp32 Linear, y = x · wᵀ + b (then tanh-GELU), by oneDNN's
-//     sgemm onto rows that start as the bias: no BiasAdd pass and no six-op GELU after the GEMM.
+//   * F32MatMulBias / F32MatMulBiasGelu: an fp32 Linear, y = x · wᵀ + b (then tanh-GELU), by an sgemm
+//     onto rows that start as the bias: no BiasAdd pass and no six-op GELU after the GEMM.
+//   * F32MatMul: y = x · wᵀ by the same sgemm (T5's projections).
+//   The sgemm is numpy's OpenBLAS where the build found it (PIXART_SGEMM names its cblas_sgemm:
+//   1.3-1.9x oneDNN's on an AVX2 Zen 3 at the DiT's and T5's shapes), else oneDNN's.
 // MindSpore's bundled oneDNN is built with the THREADPOOL runtime: its BLAS calls take a
 // threadpool object, which ThreadPool below provides (a fixed set of worker threads).
 //
@@ -62,6 +65,12 @@ extern "C" int dnnl_threadpool_interop_gemm_bf16bf16f32(char transa, char transb
 extern "C" int dnnl_threadpool_interop_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
                                              const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
                                              float *C, int64_t ldc, void *threadpool);
+#ifdef PIXART_SGEMM
+// OpenBLAS's ILP64 CBLAS (numpy's bundled build): enums are ints, sizes 64-bit.
+extern "C" void PIXART_SGEMM(int layout, int transa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
+                             const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                             int64_t ldc);
+#endif
 
 namespace {
 
@@ -530,25 +539,43 @@ extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **sh
   return 0;
 }
 
-// inputs: x (..., K), w (N, K), bias (N) float32; output: y (..., N) = x · wᵀ + bias (then tanh-GELU): an
-// fp32 Linear. The rows of y start as the bias and oneDNN's sgemm adds x · wᵀ to them (beta 1): no
-// separate bias pass, which MindSpore's CPU BiasAdd makes as slow as a tenth of the GEMM.
-int F32Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool gelu) {
-  if (nparam != 4 || ndims[1] != 2 || ndims[2] != 1) return 1;
-  for (int i = 0; i < 4; ++i)
+// y (M, N) += x (M, K) · wᵀ, w (N, K), all row-major fp32.
+int AddMatMulTransposed(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+#ifdef PIXART_SGEMM
+  PIXART_SGEMM(101 /* row-major */, 111 /* x as is */, 112 /* w transposed */, M, N, K, 1.0f, x, K, w, K, 1.0f, y, N);
+  return 0;
+#else
+  return dnnl_threadpool_interop_sgemm('N', 'T', M, N, K, 1.0f, x, K, w, K, 1.0f, y, N, &Pool());
+#endif
+}
+
+// inputs: x (..., K), w (N, K)[, bias (N)] float32; output: y (..., N) = x · wᵀ (+ bias) (then tanh-GELU):
+// an fp32 Linear. The rows of y start as the bias (or zero) and the sgemm adds x · wᵀ to them (beta 1):
+// no separate bias pass, which MindSpore's CPU BiasAdd makes as slow as a tenth of the GEMM.
+int F32Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias,
+              bool gelu) {
+  const int inputs = has_bias ? 3 : 2;
+  if (nparam != inputs + 1 || ndims[1] != 2 || (has_bias && ndims[2] != 1)) return 1;
+  for (int i = 0; i < nparam; ++i)
     if (!IsDtype(dtypes[i], "float32")) return 1;
   const int64_t K = shapes[0][ndims[0] - 1], N = shapes[1][0];
-  if (shapes[1][1] != K || shapes[2][0] != N) return 2;
-  const int64_t M = K ? Elements(ndims[0], shapes[0]) / K : 0;
+  if (shapes[1][1] != K || (has_bias && shapes[2][0] != N)) return 2;
+  const int64_t M = N ? Elements(ndims[inputs], shapes[inputs]) / N : 0;  // from y: x has no elements when K is 0
   if (M == 0 || N == 0) return 0;
   const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
+  const float *bias = has_bias ? static_cast<const float *>(params[2]) : nullptr;
+  float *y = static_cast<float *>(params[inputs]);
   ParallelRows(M, N, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) std::memcpy(y + m * N, bias, sizeof(float) * N);
+    for (int64_t m = m0; m < m1; ++m) {
+      if (bias != nullptr) {
+        std::memcpy(y + m * N, bias, sizeof(float) * N);
+      } else {
+        std::memset(y + m * N, 0, sizeof(float) * N);
+      }
+    }
   });
   if (K > 0) {
-    const int status = dnnl_threadpool_interop_sgemm('N', 'T', M, N, K, 1.0f, x, K, w, K, 1.0f, y, N, &Pool());
+    const int status = AddMatMulTransposed(x, w, y, M, N, K);
     if (status != 0) return 10 + status;
   }
   if (gelu) ParallelRows(M, N, [&](int64_t m0, int64_t m1) { BiasGeluRows(y + m0 * N, nullptr, m1 - m0, N, true); });
@@ -559,14 +586,21 @@ extern "C" int F32MatMulBias(int nparam, void **params, int *ndims, int64_t **sh
                              void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  return F32Linear(nparam, params, ndims, shapes, dtypes, false);
+  return F32Linear(nparam, params, ndims, shapes, dtypes, true, false);
+}
+
+extern "C" int F32MatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  (void)stream;
+  (void)extra;
+  return F32Linear(nparam, params, ndims, shapes, dtypes, false, false);
 }
 
 extern "C" int F32MatMulBiasGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  return F32Linear(nparam, params, ndims, shapes, dtypes, true);
+  return F32Linear(nparam, params, ndims, shapes, dtypes, true, true);
 }
 
 // ----------------------------------------------------------------------------- the VAE: convolution, GroupNorm

@@ -605,7 +605,7 @@ class PixArt(PixArtMS):
 def compile_blocks_once(model):
     """Let graph mode compile each distinct block of ``model`` (a DiT, or a ``ControlPixArt`` with
     its copied blocks) once instead of once per block: XL-2's 28 blocks share one graph (the
-    compile of a 256² step on CPU: 10.7 → 5.6 s), with bitwise the same outputs. Blocks that
+    compile of a 256² step on CPU: 10.9 → 6.3 s, ``bench_compile.py``), with bitwise the same outputs. Blocks that
     differ (a LoRA on some of them, KV compression) get graphs of their own. Call it right before
     the first graph-mode call of ``model`` (the pipelines do)."""
     share_compiled_graph(cell for _, cell in model.cells_and_names() if isinstance(cell, PixArtBlock))

@@ -20,8 +20,8 @@
 //   * F32MatMulBias / F32MatMulBiasGelu: an fp32 Linear, y = x · wᵀ + b (then tanh-GELU), by an sgemm
 //     onto rows that start as the bias: no BiasAdd pass and no six-op GELU after the GEMM.
 //   * F32MatMul: y = x · wᵀ by the same sgemm (T5's projections).
-//   The sgemm is numpy's OpenBLAS where the build found it (PIXART_SGEMM names its cblas_sgemm:
-//   1.3-1.9x oneDNN's on an AVX2 Zen 3 at the DiT's and T5's shapes), else oneDNN's.
+//   The sgemm is numpy's OpenBLAS where the build found it (PIXART_SGEMM names its cblas_sgemm: on an
+//   AVX2 Zen 3 1.1-1.9x oneDNN's speed at T5's shapes, 0.97-1.24x at the DiT's), else oneDNN's.
 // MindSpore's bundled oneDNN is built with the THREADPOOL runtime: its BLAS calls take a
 // threadpool object, which ThreadPool below provides (a fixed set of worker threads).
 //

@@ -85,7 +85,7 @@ _OPENBLAS_BUILDS = (("libscipy_openblas64_", "scipy_cblas_sgemm64_"), ("libopenb
 def numpy_openblas():
     """(path, sgemm symbol) of the OpenBLAS bundled with numpy's wheel, or None (other numpy builds,
     or ``PIXART_SGEMM=onednn``). The fp32 linear kernels use its sgemm instead of oneDNN's: on an
-    AVX2 Zen 3 it ran the DiT's and T5's GEMMs 1.3-1.9x faster (``bench_dit.py``)."""
+    AVX2 Zen 3 it ran T5's GEMMs 1.1-1.9x faster and the DiT's 0.97-1.24x (``bench_sgemm.py``)."""
     if os.environ.get("PIXART_SGEMM", "").lower() == "onednn":
         return None
     libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")

@@ -73,11 +73,9 @@ def main(argv=None):
     # The buckets train.py uses: the aspect-ratio bins, or one square bucket without multi_scale.
     bins = get_bins(args.image_size) if args.multi_scale else {"1.0": (args.image_size, args.image_size)}
 
-    import mindspore as ms
+    from pixart.utils.device import set_device  # imports MindSpore: after the checks above
 
-    if args.device_target:
-        ms.set_device(args.device_target)
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # each model runs once per batch: compiling would not pay off
+    set_device(args.device_target)  # eager: each model runs once per batch, compiling would not pay off
     summary = extract_features(records, args.image_dir, args.feature_dir, bins, vae_root, text_encoder_root,
                                tokenizer_root, max_length=args.t5_max_length, image_size=args.image_size,
                                clean_caption=args.clean_caption,

@@ -23,6 +23,7 @@ from pixart.models.pixart import compile_blocks_once
 from pixart.models.pixart_weights import from_pretrained as load_transformer
 from pixart.pipelines import img2img
 from pixart.samplers import DEFAULT_STEPS, PerImageNoise, build_sampler, sampler_for_scheduler_config
+from pixart.utils.device import launch_cpu_ops_synchronously
 from pixart.utils.errors import CheckpointError, ConfigError
 from pixart.utils.hub import resolve_pretrained
 
@@ -58,6 +59,7 @@ class PixArtSigmaPipeline:
         if mode not in ("graph", "pynative"):
             raise ConfigError(f"mode must be graph or pynative, got {mode!r}")
         self.mode = mode
+        launch_cpu_ops_synchronously()  # T5, the VAE and eager steps at full speed on CPU (see there)
         components = {"transformer": transformer, "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder}
         self._loaders = {k: v for k, v in components.items() if _is_loader(v)}
         self._loaded = {k: v for k, v in components.items() if v is not None and not _is_loader(v)}

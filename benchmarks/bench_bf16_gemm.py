@@ -43,6 +43,7 @@ from mindspore import ops  # noqa: E402
 
 from bench_t5_cast import interleaved  # noqa: E402 (benchmarks/ is on sys.path: run as a script)
 from pixart.ops import cpu_kernels  # noqa: E402
+from pixart.utils.device import set_device  # noqa: E402
 
 SHAPES = {  # name -> [(label, M, K, N)]
     "dit256": [("XL-2 qkv 256²", 512, 1152, 3456), ("XL-2 fc1 256²", 512, 1152, 4608),
@@ -152,7 +153,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["graph", "pynative"], default="pynative",
                         help="graph mode keeps a second copy of each model's weights: > 12 GB here")
     args = parser.parse_args(argv)
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    set_device("CPU")  # eager ops on the calling thread, as the entry points run them
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "

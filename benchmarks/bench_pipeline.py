@@ -100,16 +100,14 @@ class Stages:
 
 
 def run_ours(folder, size, steps, cache, dtype_name):
-    import mindspore as ms
-
     from pixart.pipelines.config import PipelineConfig
+    from pixart.utils.device import set_device
     # Imports before the clock, as the diffusers worker's: the modules the pipeline imports lazily,
     # and transformers (the tokenizer's; 2-4 s with torch installed).
     from pixart.models import autoencoder_kl, pixart, t5, tokenizer  # noqa: F401
     from transformers import T5Tokenizer  # noqa: F401
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    set_device("CPU")  # as sample.py: eager, ops launched on the calling thread
     pipe = PipelineConfig(pretrained_path=folder, compile_cache=cache, dtype=dtype_name).build()
     stage = Stages()
     embeds = stage("T5 load + encode", lambda: pipe.encode_prompt(PROMPTS, ""))

@@ -19,6 +19,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
 from pixart.ops import cpu_kernels  # noqa: E402
+from pixart.utils.device import set_device  # noqa: E402
 
 SHAPES = {"T5-XXL FF (256 rows)": (256, 4096, 10240), "T5-XXL attention (256 rows)": (256, 4096, 4096),
           "XL-2 qkv 256²": (512, 1152, 3456), "XL-2 fc1 256²": (512, 1152, 4608), "XL-2 fc2 256²": (512, 4608, 1152),
@@ -71,7 +72,7 @@ def main():
     if args.t5_folder:
         from pixart.models.t5 import Linear as T5Linear, T5Encoder
 
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+        set_device("CPU")  # eager, ops on the calling thread, as the pipelines run T5
         encoder = T5Encoder.from_pretrained(args.t5_folder)
         ops_by_name = {name: ops.Custom(f"{lib}:F32MatMul", out_shape=lambda x, w: list(x[:-1]) + [w[0]],
                                         out_dtype=lambda *a: ms.float32, func_type="aot")

@@ -33,6 +33,7 @@ import mindspore as ms  # noqa: E402
 from pixart.models.t5 import Linear, T5Config, T5Encoder  # noqa: E402
 from pixart.ops import cpu_kernels  # noqa: E402
 from pixart.utils.checkpoint import load_into_cell  # noqa: E402
+from pixart.utils.device import set_device  # noqa: E402
 
 TOKENS = 600
 XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32,
@@ -150,7 +151,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--skip_layers", action="store_true", help="only part 1 (one linear)")
     args = parser.parse_args(argv)
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    set_device("CPU")  # eager ops on the calling thread, as the entry points run them
     rng = np.random.default_rng(0)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"MindSpore {ms.__version__}; repeats {args.repeats} (median)")

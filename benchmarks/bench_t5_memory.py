@@ -122,8 +122,9 @@ def main(argv=None):
         import mindspore as ms
 
         from pixart.models.t5 import T5Encoder
+        from pixart.utils.device import set_device
 
-        ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+        set_device("CPU")  # eager ops on the calling thread, as the entry points run them
         weight_dtype = args.weight_dtype if args.weight_dtype == "auto" else getattr(ms, args.weight_dtype)
         start = time.perf_counter()
         model = T5Encoder.from_pretrained(folder, dtype=ms.float32, weight_dtype=weight_dtype)

@@ -29,11 +29,10 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
-    import mindspore as ms
-
     from pixart.pipelines.config import PipelineConfig
+    from pixart.utils.device import set_device
 
-    ms.set_device("CPU")
+    set_device("CPU")
     pipe = PipelineConfig(pretrained_path=args.folder, compile_cache="none", dtype=args.dtype).build()
     pipe.low_memory = False
     pipe.text_encoder  # load once, untimed

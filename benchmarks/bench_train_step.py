@@ -130,8 +130,9 @@ def main(argv=None):
 
     import mindspore as ms
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    from pixart.utils.device import set_device
+
+    set_device("CPU")  # as train.py
     if args.memory_optimize:
         ms.runtime.set_memory(optimize_level="O1")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "

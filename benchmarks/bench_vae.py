@@ -28,7 +28,9 @@ def run_case(size, tile, repeat, threads):
     import numpy as np
     import mindspore as ms
 
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    from pixart.utils.device import set_device
+
+    set_device("CPU")  # eager ops on the calling thread, as the entry points run them
     if threads:
         ms.set_context(runtime_num_threads=threads)
     from pixart.models.autoencoder_kl import SDXL_VAE_CONFIG, AutoencoderKL

@@ -349,12 +349,12 @@ def test_pipeline_fuses_norms_on_cpu_and_the_compile_cache_tells_the_variants_ap
     assert [s["fused_attention_layers"] for s in signatures] == [2 * depth] * 2
 
 
-@pytest.mark.parametrize("k,stride,padding,shape", [(3, 1, 1, (2, 5, 9, 11)), (1, 1, 0, (1, 6, 4, 7)),
-                                                    (3, 2, 0, (1, 5, 9, 8)), (2, 2, 0, (2, 3, 6, 6))])
-def test_bf16_conv2d_equals_fp32_conv_of_bf16_operands(k, stride, padding, shape):
-    """im2col + the bf16 GEMM (borders, strides, 1×1 and odd sizes) against torch's fp32 conv of the
-    same bf16-rounded input and weight, plus the fp32 bias."""
-    rng = np.random.default_rng(3)
+CONV_GEOMETRIES = [(3, 1, 1, (2, 5, 9, 11)), (1, 1, 0, (1, 6, 4, 7)), (3, 2, 0, (1, 5, 9, 8)), (2, 2, 0, (2, 3, 6, 6))]
+
+
+def _conv_case(k, stride, padding, shape, seed):
+    """Random input, weight and bias, and an nn.Conv2d (7 outputs) holding them: borders, strides, 1×1, odd sizes."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32) * 3
     w = rng.standard_normal((7, shape[1], k, k)).astype(np.float32)
     b = rng.standard_normal(7).astype(np.float32)
@@ -362,6 +362,14 @@ def test_bf16_conv2d_equals_fp32_conv_of_bf16_operands(k, stride, padding, shape
                      has_bias=True)
     conv.weight.set_data(ms.Tensor(w))
     conv.bias.set_data(ms.Tensor(b))
+    return x, w, b, conv
+
+
+@pytest.mark.parametrize("k,stride,padding,shape", CONV_GEOMETRIES)
+def test_bf16_conv2d_equals_fp32_conv_of_bf16_operands(k, stride, padding, shape):
+    """im2col + the bf16 GEMM (borders, strides, 1×1 and odd sizes) against torch's fp32 conv of the
+    same bf16-rounded input and weight, plus the fp32 bias."""
+    x, w, b, conv = _conv_case(k, stride, padding, shape, seed=3)
     fp32 = conv(ms.Tensor(x)).asnumpy()
     layer = cpu_kernels.Bf16Conv2d(conv)
     assert layer.weight is conv.weight and layer.weight.dtype == ms.bfloat16
@@ -389,6 +397,20 @@ def test_group_norm_kernel_matches_torch(silu):
     assert (out < 0).any()
 
 
+@pytest.mark.parametrize("k,stride,padding,shape", CONV_GEOMETRIES)
+def test_f32_conv2d_matches_torch(k, stride, padding, shape):
+    """im2col + the fp32 sgemm (borders, strides, 1×1 and odd sizes, batch) against torch's fp32 conv."""
+    x, w, b, conv = _conv_case(k, stride, padding, shape, seed=4)
+    layer = cpu_kernels.F32Conv2d(conv)
+    assert layer.weight is conv.weight and layer.weight.dtype == ms.float32
+    out = layer(ms.Tensor(x)).asnumpy()
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                          torch.from_numpy(b).double(), stride=stride, padding=padding).numpy()
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert np.abs(expected).max() > 10
+
+
 def test_vae_kernels_match_diffusers(tmp_path):
     """use_fused_norms (GroupNorm + SiLU) keeps the VAE at fp32 parity; use_bf16_gemm(convs=True)
     (sample.py --dtype bf16) stays closer to diffusers fp32 than diffusers bf16 does."""
@@ -406,6 +428,13 @@ def test_vae_kernels_match_diffusers(tmp_path):
     assert use_fused_norms(model) == fused_norm_layers(model) == 2 * (4 * 2 + 4 * 3) + 2 * 5 + 2
     assert all(p.name == name for name, p in model.parameters_and_names())  # full paths, no duplicates
     np.testing.assert_allclose(model.decode(z).asnumpy(), expected, rtol=0, atol=1e-4)
+    fp32 = AutoencoderKL.from_pretrained(str(tmp_path))  # as the pipelines run an fp32 VAE on CPU
+    use_fused_norms(fp32)
+    swapped = cpu_kernels.use_conv_kernels(fp32)
+    assert swapped == cpu_kernels.conv_kernel_layers(fp32) > 40 and not any(
+        isinstance(c, nn.Conv2d) for _, c in fp32.cells_and_names())
+    assert all(p.name == name for name, p in fp32.parameters_and_names())
+    np.testing.assert_allclose(fp32.decode(z).asnumpy(), expected, rtol=0, atol=1e-4)
     swapped = cpu_kernels.use_bf16_gemm(model, convs=True)
     convs = sum(isinstance(c, cpu_kernels.Bf16Conv2d) for _, c in model.cells_and_names())
     assert swapped == bf16_gemm_layers(model) and convs > 40 and not any(

@@ -539,6 +539,16 @@ extern "C" int GatedResidual(int nparam, void **params, int *ndims, int64_t **sh
   return 0;
 }
 
+// c (M, N, row stride ldc) = a (M, K) · b (K, N), all row-major fp32.
+int SgemmNN(const float *a, const float *b, float *c, int64_t M, int64_t N, int64_t K, int64_t ldc) {
+#ifdef PIXART_SGEMM
+  PIXART_SGEMM(101 /* row-major */, 111, 111, M, N, K, 1.0f, a, K, b, N, 0.0f, c, ldc);
+  return 0;
+#else
+  return dnnl_threadpool_interop_sgemm('N', 'N', M, N, K, 1.0f, a, K, b, N, 0.0f, c, ldc, &Pool());
+#endif
+}
+
 // y (M, N) += x (M, K) · wᵀ, w (N, K), all row-major fp32.
 int AddMatMulTransposed(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
 #ifdef PIXART_SGEMM
@@ -609,50 +619,59 @@ extern "C" int F32MatMulBiasGelu(int nparam, void **params, int *ndims, int64_t 
 
 namespace {
 
+// A run of fp32 values stored as the im2col element type: bf16 (round to nearest even) or fp32 as is.
+void StoreRun(const float *src, uint16_t *dst, int64_t count) { ToBf16Run(src, dst, count); }
+void StoreRun(const float *src, float *dst, int64_t count) { std::memcpy(dst, src, sizeof(float) * count); }
+uint16_t StoreOne(float v, uint16_t *) { return ToBf16(v); }
+float StoreOne(float v, float *) { return v; }
+
 // Rows [r0, r1) of the im2col matrix of one image x (C, H, W): row r = (c, ky, kx) of a k×k kernel holds, for
-// output rows [oy0, oy0 + rows) and every output column, x[c, oy·s + ky - p, ox·s + kx - p] in bf16 (0 outside).
+// output rows [oy0, oy0 + rows) and every output column, x[c, oy·s + ky - p, ox·s + kx - p] (0 outside), as T.
+template <typename T>
 void Im2ColRows(const float *x, int64_t H, int64_t W, int64_t k, int64_t stride, int64_t pad, int64_t Wo, int64_t oy0,
-                int64_t rows, int64_t r0, int64_t r1, uint16_t *cols) {
+                int64_t rows, int64_t r0, int64_t r1, T *cols) {
   const int64_t width = rows * Wo;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t c = r / (k * k), ky = (r / k) % k, kx = r % k;
     for (int64_t j = 0; j < rows; ++j) {
-      uint16_t *out = cols + r * width + j * Wo;
+      T *out = cols + r * width + j * Wo;
       const int64_t iy = (oy0 + j) * stride + ky - pad;
       if (iy < 0 || iy >= H) {
-        std::memset(out, 0, sizeof(uint16_t) * Wo);
+        std::memset(out, 0, sizeof(T) * Wo);
         continue;
       }
       const float *in = x + (c * H + iy) * W;
       if (stride == 1) {  // ix = ox + kx - pad lies in [0, W) for ox in [lo, hi): one contiguous run
         const int64_t lo = std::min<int64_t>(Wo, std::max<int64_t>(0, pad - kx));
         const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(Wo, W + pad - kx));
-        std::memset(out, 0, sizeof(uint16_t) * lo);
-        ToBf16Run(in + lo + kx - pad, out + lo, hi - lo);
-        std::memset(out + hi, 0, sizeof(uint16_t) * (Wo - hi));
+        std::memset(out, 0, sizeof(T) * lo);
+        StoreRun(in + lo + kx - pad, out + lo, hi - lo);
+        std::memset(out + hi, 0, sizeof(T) * (Wo - hi));
       } else {
         for (int64_t ox = 0; ox < Wo; ++ox) {
           const int64_t ix = ox * stride + kx - pad;
-          out[ox] = (ix >= 0 && ix < W) ? ToBf16(in[ix]) : 0;
+          out[ox] = (ix >= 0 && ix < W) ? StoreOne(in[ix], out) : T(0);
         }
       }
     }
   }
 }
 
-thread_local std::vector<uint16_t> tls_cols;  // the im2col chunk, reused between calls
+template <typename T>
+std::vector<T> &ColsBuffer() {  // the im2col chunk of this thread, reused between calls
+  thread_local std::vector<T> cols;
+  return cols;
+}
 
-}  // namespace
-
-// inputs: x (N, C, H, W) float32, w (O, C, k, k) bfloat16, b (O) float32, config (2) int32 = (stride, padding);
-// output: y (N, O, Ho, Wo) float32, the convolution with bf16 products and fp32 sums (im2col + the bf16 GEMM,
-// y = w (O, C·k·k) · cols (C·k·k, Ho·Wo), a chunk of output rows at a time: cols stay under 16 MiB).
-extern "C" int Bf16Conv2d(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+// inputs: x (N, C, H, W) float32, w (O, C, k, k) of type T (its dtype name w_dtype), b (O) float32, config (2)
+// int32 = (stride, padding); output: y (N, O, Ho, Wo) float32. im2col + gemm(w (O, C·k·k), cols (C·k·k, width),
+// y rows, width) = w · cols into the output rows, a chunk of output rows at a time (cols hold at most 8 Mi values),
+// then the bias.
+template <typename T, typename GemmFn>
+int Conv2dIm2Col(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, const char *w_dtype,
+                 GemmFn gemm) {
   if (nparam != 5 || ndims[0] != 4 || ndims[1] != 4 || ndims[4] != 4 || !IsDtype(dtypes[0], "float32") ||
-      !IsDtype(dtypes[1], "bfloat16") || !IsDtype(dtypes[2], "float32") || !IsDtype(dtypes[3], "int32") ||
+      !IsDtype(dtypes[1], w_dtype) || !IsDtype(dtypes[2], "float32") || !IsDtype(dtypes[3], "int32") ||
       !IsDtype(dtypes[4], "float32"))
     return 1;
   const int64_t N = shapes[0][0], C = shapes[0][1], H = shapes[0][2], W = shapes[0][3];
@@ -665,13 +684,14 @@ extern "C" int Bf16Conv2d(int nparam, void **params, int *ndims, int64_t **shape
       Wo != (W + 2 * pad - k) / stride + 1)
     return 3;
   const float *x = static_cast<const float *>(params[0]), *bias = static_cast<const float *>(params[2]);
-  const uint16_t *w = static_cast<const uint16_t *>(params[1]);
+  const T *w = static_cast<const T *>(params[1]);
   float *y = static_cast<float *>(params[4]);
   const int64_t K = C * k * k, plane = Ho * Wo;
   if (N == 0 || O == 0 || plane == 0) return 0;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(Ho, (int64_t{16} << 20) / (2 * K * Wo)));
-  if (tls_cols.size() < static_cast<size_t>(K * chunk * Wo)) tls_cols.resize(static_cast<size_t>(K * chunk * Wo));
-  uint16_t *cols = tls_cols.data();
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(Ho, (int64_t{8} << 20) / (K * Wo)));
+  std::vector<T> &buffer = ColsBuffer<T>();
+  if (buffer.size() < static_cast<size_t>(K * chunk * Wo)) buffer.resize(static_cast<size_t>(K * chunk * Wo));
+  T *cols = buffer.data();
   for (int64_t n = 0; n < N; ++n) {
     const float *image = x + n * C * H * W;
     float *out = y + n * O * plane;
@@ -680,7 +700,7 @@ extern "C" int Bf16Conv2d(int nparam, void **params, int *ndims, int64_t **shape
       ParallelRows(K, width, [&](int64_t r0, int64_t r1) {
         Im2ColRows(image, H, W, k, stride, pad, Wo, oy0, rows, r0, r1, cols);
       });
-      const int status = GemmBf16('N', 'N', O, width, K, w, K, cols, width, out + oy0 * Wo, plane);
+      const int status = gemm(O, width, K, w, cols, out + oy0 * Wo, plane);
       if (status != 0) return 10 + status;
     }
     ParallelRows(O, plane, [&](int64_t o0, int64_t o1) {
@@ -689,6 +709,33 @@ extern "C" int Bf16Conv2d(int nparam, void **params, int *ndims, int64_t **shape
     });
   }
   return 0;
+}
+
+}  // namespace
+
+// The convolution with bf16 weights: bf16 products and fp32 sums (im2col in bf16 + the bf16 GEMM).
+// inputs and output as Conv2dIm2Col, w (O, C, k, k) bfloat16.
+extern "C" int Bf16Conv2d(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Conv2dIm2Col<uint16_t>(nparam, params, ndims, shapes, dtypes, "bfloat16",
+                                [](int64_t O, int64_t width, int64_t K, const uint16_t *w, const uint16_t *cols,
+                                   float *out, int64_t ldc) {
+                                  return GemmBf16('N', 'N', O, width, K, w, K, cols, width, out, ldc);
+                                });
+}
+
+// The fp32 convolution: im2col + the sgemm of the fp32 kernels (OpenBLAS where numpy bundles it), which ran
+// the SDXL decoder's 3×3 convolutions faster than MindSpore's CPU Conv2D (benchmarks/bench_vae.py).
+// inputs and output as Conv2dIm2Col, w (O, C, k, k) float32.
+extern "C" int F32Conv2d(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Conv2dIm2Col<float>(nparam, params, ndims, shapes, dtypes, "float32",
+                             [](int64_t O, int64_t width, int64_t K, const float *w, const float *cols, float *out,
+                                int64_t ldc) { return SgemmNN(w, cols, out, O, width, K, ldc); });
 }
 
 namespace {

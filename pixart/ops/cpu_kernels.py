@@ -1,5 +1,5 @@
 """CPU kernels as MindSpore ``ops.Custom`` AOT ops: bf16 GEMM, fast bf16 -> fp32 upcast, fused norms,
-fp32 linears and attention.
+fp32 linears, attention and convolutions.
 
 MindSpore 2.7's CPU backend has no bf16 MatMul, its bf16 -> fp32 Cast is slow (about 5× an fp16
 Cast), and its CPU LayerNorm and broadcasting elementwise ops cost more than the DiT's GEMMs
@@ -12,6 +12,7 @@ around them. ``cpu_kernels.cc`` fills those gaps:
     gated_residual(x (B, T, D), gate (B, 1, D), h (B, T, D))  x + gate·h, fp32
     f32_linear(x (..., K), w (N, K), b (N)) -> (..., N) fp32  x·wᵀ + b (then tanh-GELU), one kernel
     attention(q, k, v (N, L, H·d)[, key_bias (N, S)])         softmax(q kᵀ·scale + bias) v per head, fp32
+    f32_conv2d(x (N, C, H, W), w (O, C, k, k), b (O))         the convolution, im2col + sgemm, fp32
 
 The GEMM is oneDNN's ``gemm_bf16bf16f32`` from the ``libdnnl.so.2`` that ships inside MindSpore,
 so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
@@ -31,7 +32,9 @@ in the same kernel. ``use_fused_norms(model)`` switches the DiT blocks' ``AdaLay
 ``nn.Dense`` layers to ``FusedLinear`` (oneDNN's sgemm with the bias, and an ``Mlp``'s GELU, inside
 the kernel: XL-2's MLP took 7% less time at 512 rows, 32% at 2048 rows), and ``use_fused_attention``
 its attention to the ``"cpu"`` backend (``fused_attention``); ``use_fused_kernels`` does all three.
-They need no bf16 instructions.
+``use_conv_kernels(model)`` switches an fp32 VAE's ``nn.Conv2d`` layers to ``F32Conv2d`` (1.03-1.23×
+MindSpore's Conv2D at the SDXL decoder's shapes, ``benchmarks/bench_conv.py``). They need no bf16
+instructions.
 """
 import ctypes
 import functools
@@ -300,6 +303,13 @@ def bf16_conv2d_op(stride, padding):
                       out_dtype=lambda *args: ms.float32, func_type="aot")
 
 
+def f32_conv2d_op(stride, padding):
+    """ops.Custom: (x (N, C, H, W), w (O, C, k, k), b (O) fp32, config (2) int32 = (stride, padding)) ->
+    the convolution (N, O, Ho, Wo) fp32: im2col + the fp32 kernels' sgemm."""
+    return ops.Custom(f"{kernel_library()}:F32Conv2d", out_shape=_conv_shape(stride, padding),
+                      out_dtype=lambda *args: ms.float32, func_type="aot")
+
+
 def group_norm_op():
     """ops.Custom: (x (N, C, ...), gamma (C), beta (C), config (3) = (groups, eps, silu)) fp32 ->
     GroupNorm(x)·gamma + beta, then SiLU when config[2] is 1."""
@@ -398,6 +408,21 @@ class Bf16Conv2d(nn.Cell):
         self.weight, self.bias = conv.weight, conv.bias
         self.config = ms.Tensor(np.array([stride, padding], np.int32))
         self.op = bf16_conv2d_op(stride, padding)
+
+    def construct(self, x):
+        return self.op(x, self.weight, self.bias, self.config)
+
+
+class F32Conv2d(nn.Cell):
+    """An fp32 ``nn.Conv2d`` (NCHW, with bias) as im2col + the kernels' sgemm: (N, C, H, W) -> (N, O, Ho, Wo).
+    Holds the layer's own Parameters (same names, fp32)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        stride, padding = _conv_geometry(conv)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.config = ms.Tensor(np.array([stride, padding], np.int32))
+        self.op = f32_conv2d_op(stride, padding)
 
     def construct(self, x):
         return self.op(x, self.weight, self.bias, self.config)
@@ -556,6 +581,27 @@ def use_fused_norms(model):
             return FusedGatedResidual(), 1
         if type(child) is GroupNorm and child.weight.dtype == ms.float32:
             return FusedGroupNorm(child), 1
+        return None
+
+    return _swap_layers(model, swap)
+
+
+def conv_kernel_layers(model):
+    """How many of ``model``'s convolutions run as the fp32 im2col + sgemm kernel (0 for a plain model)."""
+    return sum(isinstance(cell, F32Conv2d) for _, cell in model.cells_and_names())
+
+
+def use_conv_kernels(model):
+    """Swap every fp32 ``nn.Conv2d`` of ``model`` that the kernel computes (see ``_conv_geometry``) for an
+    ``F32Conv2d``, in place: the VAE on CPU. Returns the number swapped; 0 (one warning line, model
+    unchanged) when the kernels cannot be built here."""
+    if not _available(kernel_library, "fp32 convolution kernel"):
+        return 0
+
+    def swap(child):
+        if (type(child) is nn.Conv2d and child.weight.dtype == ms.float32 and _conv_geometry(child) is not None
+                and child.bias.dtype == ms.float32):
+            return F32Conv2d(child), 1
         return None
 
     return _swap_layers(model, swap)

@@ -153,7 +153,8 @@ class PixArtSigmaPipeline:
         DiT's and T5's linear layers and the VAE's convolutions run as bf16 GEMMs with bf16 weights
         (``pixart.ops.cpu_kernels``; fp32 where unavailable). On CPU an fp32 DiT's norms, gates, attention
         and fp32 linear layers (bias and GELU inside the GEMM kernel), and an fp32 VAE's GroupNorm
-        + SiLU, run as fused kernels (``cpu_kernels.use_fused_kernels``)."""
+        + SiLU, run as fused kernels (``cpu_kernels.use_fused_kernels``), its fp32 convolutions as
+        im2col + the kernels' sgemm (``cpu_kernels.use_conv_kernels``)."""
         from pixart.models.autoencoder_kl import AutoencoderKL
         from pixart.models.t5 import T5Encoder
         from pixart.models.tokenizer import PromptTokenizer
@@ -188,6 +189,7 @@ class PixArtSigmaPipeline:
                 from pixart.ops import cpu_kernels
                 if use_bf16_gemm:
                     cpu_kernels.use_bf16_gemm(model, convs=True)
+                cpu_kernels.use_conv_kernels(model)  # the fp32 convolutions left (all without bf16 GEMMs)
                 cpu_kernels.use_fused_norms(model)
             return _tiled_vae(model, vae_tile_size)
 

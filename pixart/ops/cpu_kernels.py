@@ -385,7 +385,7 @@ class Bf16GatedFeedForward(nn.Cell):
 
 
 def _conv_geometry(conv):
-    """(stride, padding) of an nn.Conv2d the bf16 kernel computes, else None (groups, dilation,
+    """(stride, padding) of an nn.Conv2d the convolution kernels compute, else None (groups, dilation,
     non-square kernels, strides or paddings, no bias)."""
     padding = conv.padding if isinstance(conv.padding, int) else tuple(conv.padding)
     if isinstance(padding, tuple):
@@ -584,11 +584,6 @@ def use_fused_norms(model):
         return None
 
     return _swap_layers(model, swap)
-
-
-def conv_kernel_layers(model):
-    """How many of ``model``'s convolutions run as the fp32 im2col + sgemm kernel (0 for a plain model)."""
-    return sum(isinstance(cell, F32Conv2d) for _, cell in model.cells_and_names())
 
 
 def use_conv_kernels(model):

@@ -64,6 +64,22 @@ def test_bf16_matmul_bias_and_gelu_are_applied_in_the_kernel(gelu):
     assert (out.asnumpy() < 0).any()
 
 
+@pytest.mark.parametrize("m,n,k", [(100, 300, 1000), (33, 48, 64), (1, 16, 27)])
+def test_bf16_matmul_on_every_blocking_of_the_gemm(m, n, k):
+    """Shapes that cover the GEMM's blocking (on AMX CPUs: 32-row weight blocks and 16-column panels, with
+    a 16-row block, an odd panel, and K padded to 32 where it is not a multiple) and its tails."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((m, k), np.float32)
+    w = rng.standard_normal((n, k), np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    out = cpu_kernels.bf16_matmul_op(bias=True, gelu=True)(ms.Tensor(x), ms.Tensor(w, dtype=ms.bfloat16),
+                                                            ms.Tensor(b)).asnumpy()
+    pre = _round_bf16(x).astype(np.float64) @ _round_bf16(w).astype(np.float64).T + b
+    expected = torch.nn.functional.gelu(torch.from_numpy(pre), approximate="tanh").numpy()
+    assert out.shape == (m, n)
+    assert _rel_err(out, expected) < 1e-6
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_f32_linear_kernel_matches_float64(gelu):
     """x·wᵀ + b (then tanh-GELU) by the fp32 kernel: fp32 rounding only (67 outputs: eight 8-wide

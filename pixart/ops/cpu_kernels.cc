@@ -98,7 +98,10 @@ class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
     if (n <= 0) return;
     // nested, trivial, or in a forked child (which has none of the workers): run inline
     if (size_ == 1 || n == 1 || tls_in_pool || getpid() != owner_) {
+      const unsigned csr = _mm_getcsr();
+      _mm_setcsr(csr | 0x8040u);  // as RunShare
       for (int i = 0; i < n; ++i) fn(i, n);
+      _mm_setcsr(csr);
       return;
     }
     std::lock_guard<std::mutex> call(call_mutex_);  // one job at a time
@@ -118,9 +121,16 @@ class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
   }
 
  private:
+  // Every thread runs its share with denormals flushed to zero (MXCSR FTZ and DAZ, restored after): the
+  // caller may be a MindSpore thread that set them, the workers would not, and a softmax's tiny
+  // probabilities made the worker's fp32 GEMMs 10x slower on Intel (a denormal costs a microcode assist),
+  // and the two halves of one result must not differ by thread.
   void RunShare() {
     tls_in_pool = true;
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u);
     for (int i = next_.fetch_add(1); i < job_n_; i = next_.fetch_add(1)) (*job_)(i, job_n_);
+    _mm_setcsr(csr);
     tls_in_pool = false;
   }
   void Work(int) {
@@ -224,27 +234,6 @@ void Bf16ToF32Array(const uint16_t *src, float *dst, int64_t count) {
   ParallelRanges(count, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = static_cast<uint32_t>(src[i]) << 16;
   });
-}
-
-// C (M, N) fp32 = op(A) · op(B), A and B bf16 row-major as in BLAS (op = transpose for 'T'), fp32 sums.
-// Without AVX512-BF16: sgemm on exact fp32 copies of A and B.
-int GemmBf16(char transa, char transb, int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t lda,
-             const uint16_t *B, int64_t ldb, float *C, int64_t ldc) {
-  if (NativeBf16())
-    return dnnl_threadpool_interop_gemm_bf16bf16f32(transa, transb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc,
-                                                    &Pool());
-  const int64_t a_count = (transa == 'N' ? M : K) * lda, b_count = (transb == 'N' ? K : N) * ldb;
-  if (tls_a32.size() < static_cast<size_t>(a_count)) tls_a32.resize(static_cast<size_t>(a_count));
-  if (tls_b32.size() < static_cast<size_t>(b_count)) tls_b32.resize(static_cast<size_t>(b_count));
-  Bf16ToF32Array(A, tls_a32.data(), a_count);
-  Bf16ToF32Array(B, tls_b32.data(), b_count);
-  return dnnl_threadpool_interop_sgemm(transa, transb, M, N, K, 1.0f, tls_a32.data(), lda, tls_b32.data(), ldb, 0.0f,
-                                       C, ldc, &Pool());
-}
-
-// y = x · wᵀ, x (M, K) bf16, w (N, K) bf16, y (M, N) fp32 row-major.
-int Gemm(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
-  return GemmBf16('N', 'T', M, N, K, x, K, w, K, y, N);
 }
 
 // fp32 -> bf16 (round to nearest even) with AVX512-BF16.
@@ -368,6 +357,356 @@ void ParallelRows(int64_t M, int64_t width, const std::function<void(int64_t, in
   pool.parallel_for(parts, [&](int i, int n) { body(M * i / n, M * (i + 1) / n); });
 }
 
+}  // namespace
+
+// ----------------------------------------------------------------------------- AMX-BF16 GEMM
+// On CPUs with AMX (Intel Sapphire Rapids and later) the bf16 GEMMs run on the tile unit: oneDNN 2.2
+// inside MindSpore predates AMX's enabling in Linux (it never asks the kernel for the tile state),
+// and its AVX512-BF16 gemm_bf16bf16f32 reached ~220 GFLOP/s on 2 such cores, below MindSpore's fp32
+// MatMul (~380), where torch's AMX kernels reach ~2000 (benchmarks/bench_bf16_gemm.py).
+//
+// C = A · B with A the weight as stored, (rows, K) bf16 row-major: 16-row tiles load straight from it
+// (a zero-padded copy only when K % 32 or rows % 16), and B the other operand packed per call into
+// 16-column panels in the tile unit's pair-interleaved layout: panel p, k chunk c is a 1 KiB tile whose
+// row r holds, for its 16 columns j, the bf16 pair (B[32c + 2r][16p + j], B[32c + 2r + 1][16p + j]).
+// A linear layer y = x · wᵀ runs as yᵀ = w · xᵀ (x packed while rounded to bf16, each 16×16 result
+// transposed into y's rows with the bias and GELU applied in registers); a convolution's GEMM
+// w · cols runs as is. Each 32×32 block of C sums over the whole K in four tile accumulators.
+// Sums are fp32 as in the other bf16 paths; the tile unit treats bf16 denormal inputs as zero.
+
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define PIXART_HAS_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#define PIXART_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace {
+
+#ifdef PIXART_HAS_AMX
+
+// Whether the tile unit can run here: the CPU has AMX-TILE and AMX-BF16 (and AVX512-BF16 for the packing),
+// Linux grants this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, kernel 5.16+), and
+// PIXART_AMX is not "0" (which keeps oneDNN's GEMM, for comparisons).
+bool AmxReady() {
+  static const bool ready = [] {
+    const char *env = std::getenv("PIXART_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+    return NativeBf16();
+  }();
+  return ready;
+}
+
+// Tile registers: 0-3 the 2×2 accumulators, 4-5 A (16 rows × 32 bf16), 6-7 B (16 pair rows × 16 columns);
+// every tile is 16 rows of 64 bytes.
+PIXART_AMX void ConfigureTiles() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config = {};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// The 16×16 transpose of 32-bit lanes: rows r[i] (16 lanes j) -> r[j] (16 lanes i).
+PIXART_AMX inline void Transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane L: column 4L + c of rows 4i..4i+3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// Packs xᵀ for yᵀ = w · xᵀ: x (M, K) fp32 (rounded to bf16 here) or bf16, row-major; panel p holds rows
+// 16p..16p+15 of x (zeros past M, and past K up to Kp).
+PIXART_AMX void PackRowPanels(const void *x, bool x_bf16, int64_t M, int64_t K, int64_t Kp, uint16_t *packed,
+                              int64_t p_begin, int64_t p_end) {
+  const int64_t chunks = Kp / 32;
+    for (int64_t p = p_begin; p < p_end; ++p)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t k0 = c * 32, valid = std::min<int64_t>(32, K - k0);
+        const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+        __m512i rows[16];
+        for (int j = 0; j < 16; ++j) {
+          const int64_t m = p * 16 + j;
+          if (m >= M) {
+            rows[j] = _mm512_setzero_si512();
+          } else if (x_bf16) {
+            rows[j] = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t *>(x) + m * K + k0);
+          } else {
+            const float *row = static_cast<const float *>(x) + m * K + k0;
+            const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), row);
+            const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), row + 16);
+            rows[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+          }
+        }
+        Transpose16(rows);
+        uint16_t *tile = packed + (p * chunks + c) * 512;
+        for (int r = 0; r < 16; ++r) _mm512_store_si512(tile + r * 32, rows[r]);
+      }
+}
+
+void PackRowsAsPanels(const void *x, bool x_bf16, int64_t M, int64_t K, int64_t Kp, uint16_t *packed) {
+  const int64_t panels = (M + 15) / 16;
+  Pool().parallel_for(static_cast<int>(std::min<int64_t>(panels, Pool().get_num_threads())), [&](int part, int parts) {
+    PackRowPanels(x, x_bf16, M, K, Kp, packed, panels * part / parts, panels * (part + 1) / parts);
+  });
+}
+
+// Packs B (K, width) bf16 row-major (row stride ldb) for C = A · B: panel p holds columns 16p..16p+15.
+PIXART_AMX void PackColumnPanels(const uint16_t *b, int64_t ldb, int64_t K, int64_t width, int64_t Kp,
+                                 uint16_t *packed, int64_t p_begin, int64_t p_end) {
+  const int64_t chunks = Kp / 32;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t valid = std::min<int64_t>(16, width - p * 16);
+      const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+      for (int64_t c = 0; c < chunks; ++c) {
+        uint16_t *tile = packed + (p * chunks + c) * 512;
+        for (int r = 0; r < 16; ++r) {
+          const int64_t k = c * 32 + 2 * r;
+          const __m512i even = k < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + k * ldb + p * 16))
+                                     : _mm512_setzero_si512();
+          const __m512i odd = k + 1 < K
+                                  ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + (k + 1) * ldb + p * 16))
+                                  : _mm512_setzero_si512();
+          _mm512_store_si512(tile + r * 32, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+        }
+      }
+    }
+}
+
+void PackColumnsAsPanels(const uint16_t *b, int64_t ldb, int64_t K, int64_t width, int64_t Kp, uint16_t *packed) {
+  const int64_t panels = (width + 15) / 16;
+  Pool().parallel_for(static_cast<int>(std::min<int64_t>(panels, Pool().get_num_threads())), [&](int part, int parts) {
+    PackColumnPanels(b, ldb, K, width, Kp, packed, panels * part / parts, panels * (part + 1) / parts);
+  });
+}
+
+// One block of C: NA A tiles (rows a, a + 16·lda) × NB panels (b0, b1), summed over `chunks` k chunks,
+// stored to out as NA·NB consecutive 16×16 fp32 tiles (tile index 2·i + j for A tile i, panel j).
+template <int NA, int NB>
+PIXART_AMX inline void AmxBlock(const uint16_t *a, int64_t lda, const uint16_t *b0, const uint16_t *b1, int64_t chunks,
+                                float *out) {
+  const int64_t stride = lda * 2;
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (NA > 1) _tile_zero(2);
+  if constexpr (NA > 1 && NB > 1) _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(4, a + c * 32, stride);
+    _tile_loadd(6, b0 + c * 512, 64);
+    if constexpr (NB > 1) _tile_loadd(7, b1 + c * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA > 1) {
+      _tile_loadd(5, a + 16 * lda + c * 32, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out, 64);
+  if constexpr (NB > 1) _tile_stored(1, out + 256, 64);
+  if constexpr (NA > 1) _tile_stored(2, out + 512, 64);
+  if constexpr (NA > 1 && NB > 1) _tile_stored(3, out + 768, 64);
+}
+
+// C (rows, panels·16) = A · B: A (rows, Kp) bf16 with row stride lda, rows a multiple of 16; B packed (panels,
+// Kp / 32 chunks). store(row0, panel, tile) receives every 16×16 tile of C (fp32, row-major), from the
+// pool's threads: each thread takes a share of A's 32-row blocks (or of the panels when A has few).
+// One thread's share of AmxGemm: A's 32-row blocks [b_begin, b_end) × panels [p_begin, p_end).
+template <typename Store>
+PIXART_AMX void AmxGemmPart(const uint16_t *a, int64_t lda, int64_t rows, const uint16_t *packed, int64_t chunks,
+                            int64_t b_begin, int64_t b_end, int64_t p_begin, int64_t p_end, const Store &store) {
+  // panels per pass: at most ~1 MiB of B, so that it stays in L2 while A's blocks go by
+  const int64_t group = std::max<int64_t>(2, ((int64_t{1} << 20) / (chunks * 1024)) & ~int64_t{1});
+  ConfigureTiles();
+  alignas(64) float tiles[4 * 256];
+  for (int64_t g = p_begin; g < p_end; g += group) {
+    const int64_t g_end = std::min(p_end, g + group);
+    for (int64_t blk = b_begin; blk < b_end; ++blk) {
+      const int64_t r0 = blk * 32;
+      const bool two = r0 + 16 < rows;
+      const uint16_t *ab = a + r0 * lda;
+      for (int64_t p = g; p < g_end; p += 2) {
+        const uint16_t *b0 = packed + p * chunks * 512, *b1 = b0 + chunks * 512;
+        const bool pair = p + 1 < g_end;
+        if (two && pair) AmxBlock<2, 2>(ab, lda, b0, b1, chunks, tiles);
+        else if (two) AmxBlock<2, 1>(ab, lda, b0, b1, chunks, tiles);
+        else if (pair) AmxBlock<1, 2>(ab, lda, b0, b1, chunks, tiles);
+        else AmxBlock<1, 1>(ab, lda, b0, b1, chunks, tiles);
+        store(r0, p, tiles);
+        if (pair) store(r0, p + 1, tiles + 256);
+        if (two) store(r0 + 16, p, tiles + 512);
+        if (two && pair) store(r0 + 16, p + 1, tiles + 768);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// C (rows, panels·16) = A · B: A (rows, Kp) bf16 with row stride lda, rows a multiple of 16; B packed (panels,
+// Kp / 32 chunks). store(row0, panel, tile) receives every 16×16 tile of C (fp32, row-major), from the
+// pool's threads: each thread takes a share of A's 32-row blocks (or of the panels when A has few).
+template <typename Store>
+void AmxGemm(const uint16_t *a, int64_t lda, int64_t rows, const uint16_t *packed, int64_t panels, int64_t Kp,
+             const Store &store) {
+  const int64_t chunks = Kp / 32, blocks = (rows + 31) / 32, pairs = (panels + 1) / 2;
+  const int threads = Pool().get_num_threads();
+  const bool split_rows = blocks >= 2 * threads || pairs < threads;
+  const int parts = static_cast<int>(std::min<int64_t>(threads, split_rows ? blocks : pairs));
+  Pool().parallel_for(parts, [&](int part, int n) {
+    if (split_rows) {
+      AmxGemmPart(a, lda, rows, packed, chunks, blocks * part / n, blocks * (part + 1) / n, 0, panels, store);
+    } else {
+      AmxGemmPart(a, lda, rows, packed, chunks, 0, blocks, 2 * (pairs * part / n),
+                  std::min(panels, 2 * (pairs * (part + 1) / n)), store);
+    }
+  });
+}
+
+thread_local std::vector<uint16_t> tls_amx_packed, tls_amx_weight;  // packed B, padded A: reused between calls
+
+uint16_t *AlignedBuffer(std::vector<uint16_t> &buffer, int64_t count) {  // 64-byte aligned, count values
+  if (buffer.size() < static_cast<size_t>(count + 32)) buffer.resize(static_cast<size_t>(count + 32));
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<uint16_t *>((p + 63) & ~uintptr_t{63});
+}
+
+// The weight w (rows, K) as A: itself when rows % 16 == 0 and K % 32 == 0, else a zero-padded copy.
+const uint16_t *AmxWeight(const uint16_t *w, int64_t rows, int64_t K, int64_t *lda, int64_t *rows_padded) {
+  const int64_t Kp = (K + 31) / 32 * 32, Rp = (rows + 15) / 16 * 16;
+  *rows_padded = Rp;
+  if (Kp == K && Rp == rows) {
+    *lda = K;
+    return w;
+  }
+  uint16_t *copy = AlignedBuffer(tls_amx_weight, Rp * Kp);
+  for (int64_t r = 0; r < Rp; ++r) {
+    uint16_t *row = copy + r * Kp;
+    if (r < rows) std::memcpy(row, w + r * K, sizeof(uint16_t) * K);
+    std::memset(row + (r < rows ? K : 0), 0, sizeof(uint16_t) * (r < rows ? Kp - K : Kp));
+  }
+  *lda = Kp;
+  return copy;
+}
+
+// AmxGemm's store for yᵀ = w · xᵀ: tile (n0.., panel p) transposed into y's rows 16p.., + bias, GELU.
+struct LinearStore {
+  float *y;
+  const float *bias;
+  bool gelu;
+  int64_t M, N;
+  PIXART_AMX void operator()(int64_t n0, int64_t p, const float *tile) const {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(tile + 16 * i);
+    Transpose16(r);  // r[j]: y[16p + j][n0 .. n0 + 15]
+    const int64_t valid = std::min<int64_t>(16, N - n0);
+    const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    for (int j = 0; j < 16 && p * 16 + j < M; ++j) {
+      __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[j]), b);
+      if (gelu) {
+        const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v);
+        const __m512 e = Exp512(_mm512_mul_ps(_mm512_set1_ps(-kGeluScale), inner));
+        v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      }
+      _mm512_mask_storeu_ps(y + (p * 16 + j) * N + n0, mask, v);
+    }
+  }
+};
+
+// AmxGemm's store for c = w · cols: tile (o0.., panel p) into rows o0.. of c at columns 16p...
+struct RowsStore {
+  float *c;
+  int64_t O, width, ldc;
+  PIXART_AMX void operator()(int64_t o0, int64_t p, const float *tile) const {
+    const int64_t valid = std::min<int64_t>(16, width - p * 16);
+    const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+    for (int i = 0; i < 16 && o0 + i < O; ++i)
+      _mm512_mask_storeu_ps(c + (o0 + i) * ldc + p * 16, mask, _mm512_load_ps(tile + 16 * i));
+  }
+};
+
+// y (M, N) = x · wᵀ (+ bias) (then tanh-GELU): x (M, K) fp32 or bf16, w (N, K) bf16, y fp32 row-major.
+void AmxLinear(const void *x, bool x_bf16, const uint16_t *w, const float *bias, bool gelu, float *y, int64_t M,
+               int64_t N, int64_t K) {
+  const int64_t Kp = (K + 31) / 32 * 32, panels = (M + 15) / 16;
+  int64_t lda, rows;
+  const uint16_t *a = AmxWeight(w, N, K, &lda, &rows);
+  uint16_t *packed = AlignedBuffer(tls_amx_packed, panels * Kp * 16);
+  PackRowsAsPanels(x, x_bf16, M, K, Kp, packed);
+  AmxGemm(a, lda, rows, packed, panels, Kp, LinearStore{y, bias, gelu, M, N});
+}
+
+// c (O, width, row stride ldc) = w (O, K) · cols (K, width), bf16 in, fp32 out.
+void AmxGemmNN(const uint16_t *w, const uint16_t *cols, float *c, int64_t O, int64_t width, int64_t K, int64_t ldc) {
+  const int64_t Kp = (K + 31) / 32 * 32, panels = (width + 15) / 16;
+  int64_t lda, rows;
+  const uint16_t *a = AmxWeight(w, O, K, &lda, &rows);
+  uint16_t *packed = AlignedBuffer(tls_amx_packed, panels * Kp * 16);
+  PackColumnsAsPanels(cols, width, K, width, Kp, packed);
+  AmxGemm(a, lda, rows, packed, panels, Kp, RowsStore{c, O, width, ldc});
+}
+
+#else
+bool AmxReady() { return false; }
+#endif
+
+}  // namespace
+
+namespace {
+
+// C (M, N) fp32 = op(A) · op(B), A and B bf16 row-major as in BLAS (op = transpose for 'T'), fp32 sums.
+// With AMX: the tile unit (A · Bᵀ or A · B, contiguous rows); with AVX512-BF16: oneDNN's gemm_bf16bf16f32;
+// without either: sgemm on exact fp32 copies of A and B.
+int GemmBf16(char transa, char transb, int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t lda,
+             const uint16_t *B, int64_t ldb, float *C, int64_t ldc) {
+  if (AmxReady() && transa == 'N' && transb == 'T' && lda == K && ldb == K && ldc == N) {
+    AmxLinear(A, true, B, nullptr, false, C, M, N, K);  // C = A · Bᵀ: B is the weight
+    return 0;
+  }
+  if (AmxReady() && transa == 'N' && transb == 'N' && lda == K && ldb == N) {
+    AmxGemmNN(A, B, C, M, N, K, ldc);  // C = A · B: A is the weight
+    return 0;
+  }
+  if (NativeBf16())
+    return dnnl_threadpool_interop_gemm_bf16bf16f32(transa, transb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc,
+                                                    &Pool());
+  const int64_t a_count = (transa == 'N' ? M : K) * lda, b_count = (transb == 'N' ? K : N) * ldb;
+  if (tls_a32.size() < static_cast<size_t>(a_count)) tls_a32.resize(static_cast<size_t>(a_count));
+  if (tls_b32.size() < static_cast<size_t>(b_count)) tls_b32.resize(static_cast<size_t>(b_count));
+  Bf16ToF32Array(A, tls_a32.data(), a_count);
+  Bf16ToF32Array(B, tls_b32.data(), b_count);
+  return dnnl_threadpool_interop_sgemm(transa, transb, M, N, K, 1.0f, tls_a32.data(), lda, tls_b32.data(), ldb, 0.0f,
+                                       C, ldc, &Pool());
+}
+
+// y = x · wᵀ, x (M, K) bf16, w (N, K) bf16, y (M, N) fp32 row-major.
+int Gemm(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+  return GemmBf16('N', 'T', M, N, K, x, K, w, K, y, N);
+}
+
 thread_local std::vector<uint16_t> tls_x16;  // the bf16 copy of an fp32 x, reused between calls
 
 // y (M, N) = x · wᵀ (+ bias) (then GELU); x fp32 or bf16 (x_bf16), w bf16.
@@ -377,6 +716,9 @@ int MatMul(const void *x, bool x_bf16, const uint16_t *w, const float *bias, boo
   int status = 0;
   if (K == 0) {
     std::memset(y, 0, sizeof(float) * M * N);
+  } else if (AmxReady()) {  // x rounded to bf16 while packed, the bias and GELU applied as y is written
+    AmxLinear(x, x_bf16, w, bias, gelu, y, M, N, K);
+    return 0;
   } else if (x_bf16) {
     status = Gemm(static_cast<const uint16_t *>(x), w, y, M, N, K);
   } else {

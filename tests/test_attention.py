@@ -66,6 +66,46 @@ def test_token_major_layout_matches_torch(backend, masked, lengths):
         np.testing.assert_allclose(out.asnumpy(), ref, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("lengths", [(5, 7), (70, 300)])
+def test_cpu_bf16_backend_is_bf16_attention_on_amx_and_fp32_elsewhere(monkeypatch, masked, lengths):
+    """The backend of bf16-GEMM models: on CPUs with AMX, q, k, v and the probabilities rounded to bf16
+    with fp32 sums (as torch's bf16 attention), checked against that rounding done in float64; elsewhere
+    the fp32 kernel, against torch fp32."""
+    from pixart.ops import cpu_kernels
+
+    monkeypatch.setenv("PIXART_BF16_GEMM", "emulate")  # bf16 layers on any CPU, so the model gets "cpu-bf16"
+    model = tiny_pixart()
+    cpu_kernels.use_bf16_gemm(model)
+    cpu_kernels.use_fused_attention(model)
+    assert model.blocks[0].attn.backend == "cpu-bf16"
+    t, s = lengths
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) * 2 for shape in [(2, 3, t, 24), (2, 3, s, 24),
+                                                                                (2, 3, s, 24)])
+    mask = np.ones((2, s), np.float32)
+    mask[0, 4:] = 0
+    bias = mask_to_bias(ms.Tensor(mask)) if masked else None
+    out = scaled_dot_product_attention(*(ms.Tensor(_token_major(x)) for x in (q, k, v)), bias=bias,
+                                       backend="cpu-bf16", num_heads=3).asnumpy()
+    if not cpu_kernels.amx_ready():
+        ref = F.scaled_dot_product_attention(*(torch.from_numpy(x) for x in (q, k, v)),
+                                             attn_mask=torch.from_numpy(mask).bool()[:, None, None, :] if masked else None)
+        np.testing.assert_allclose(out, _token_major(ref.numpy()), atol=2e-6, rtol=0)
+        return
+    def bf16(x):
+        return torch.from_numpy(x).bfloat16().double()
+
+    scores = bf16(q) @ bf16(k).transpose(-1, -2) / np.sqrt(24)
+    if masked:
+        scores = scores.masked_fill(~torch.from_numpy(mask).bool()[:, None, None, :], -np.inf)
+    probs = torch.softmax(scores, -1).bfloat16().double()
+    ref = _token_major((probs @ bf16(v)).numpy())
+    fp32 = _token_major(F.scaled_dot_product_attention(*(torch.from_numpy(x) for x in (q, k, v)),
+                        attn_mask=torch.from_numpy(mask).bool()[:, None, None, :] if masked else None).numpy())
+    assert np.abs(out - ref).max() < 2e-3 < np.abs(out - fp32).max()
+
+
 def test_cpu_kernel_refuses_what_it_does_not_compute():
     from pixart.ops import cpu_kernels
 

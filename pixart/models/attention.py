@@ -9,6 +9,8 @@ Backends:
 - ``"cpu"``: the fused CPU kernel of ``pixart.ops.cpu_kernels`` (fp32, token-major inputs, a
   key-padding bias at most; no gradient: for inference, so not a construction choice: a model's
   attention is switched to it by ``pixart.ops.cpu_kernels.use_fused_attention``).
+- ``"cpu-bf16"``: the same kernel with bf16 operands and fp32 sums on the AMX tile unit (fp32 on
+  CPUs without AMX): what ``use_fused_attention`` picks for a model with bf16 GEMM layers.
 - ``"auto"`` (default): ``"flash"`` on Ascend, ``"math"`` elsewhere.
 
 Layouts: (N, H, L, D) tensors, or with ``num_heads`` the token-major (N, L, H·D) tensors the
@@ -52,7 +54,8 @@ def scaled_dot_product_attention(q, k, v, bias=None, scale=None, backend="math",
             ``mask_to_bias`` (N, 1, 1, S) or a position bias (T5). Added in fp32. The ``"cpu"``
             backend takes a padding mask only.
         scale: multiplier of q kᵀ; default 1/sqrt(D). T5 uses 1.0.
-        backend: ``"math"``, ``"flash"`` or ``"cpu"`` (call ``resolve_backend`` once, outside the hot path).
+        backend: ``"math"``, ``"flash"``, ``"cpu"`` or ``"cpu-bf16"`` (call ``resolve_backend`` once, outside
+            the hot path).
         num_heads: heads of token-major inputs (None: the inputs are (N, H, L, D)).
     Returns:
         q's layout and dtype. Softmax is computed in fp32 whatever the input dtype.
@@ -62,10 +65,10 @@ def scaled_dot_product_attention(q, k, v, bias=None, scale=None, backend="math",
     else:
         head_dim = q.shape[-1] // num_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if backend == "cpu":
+    if backend in ("cpu", "cpu-bf16"):
         if num_heads is None:
             raise ValueError("the cpu attention kernel takes token-major (N, L, H·D) inputs: pass num_heads")
-        return _cpu_attention(q, k, v, bias, scale, num_heads)
+        return _cpu_attention(q, k, v, bias, scale, num_heads, bf16=backend == "cpu-bf16")
     if num_heads is None:
         return _attention_heads(q, k, v, bias, scale, backend)
     n, length, width = q.shape
@@ -91,12 +94,12 @@ def _to_heads(x, num_heads):
     return x.reshape(n, length, num_heads, width // num_heads).transpose(0, 2, 1, 3)
 
 
-def _cpu_attention(q, k, v, bias, scale, num_heads):
+def _cpu_attention(q, k, v, bias, scale, num_heads, bf16=False):
     if bias is not None:
         if bias.shape[1] != 1 or bias.shape[2] != 1:
             raise ValueError("the cpu attention kernel takes a key-padding bias (N, 1, 1, S) only")
         bias = bias.reshape(bias.shape[0], bias.shape[-1]).astype(ms.float32)
-    return cpu_kernels.fused_attention(q, k, v, bias, num_heads, scale)
+    return cpu_kernels.fused_attention(q, k, v, bias, num_heads, scale, bf16=bf16)
 
 
 def _flash_attention(q, k, v, bias, scale):

@@ -438,10 +438,10 @@ PIXART_AMX inline void Transpose16(__m512i r[16]) {
   }
 }
 
-// Packs xᵀ for yᵀ = w · xᵀ: x (M, K) fp32 (rounded to bf16 here) or bf16, row-major; panel p holds rows
+// Packs xᵀ for yᵀ = w · xᵀ: x (M, K) fp32 (rounded to bf16 here) or bf16, row stride ldx; panel p holds rows
 // 16p..16p+15 of x (zeros past M, and past K up to Kp).
-PIXART_AMX void PackRowPanels(const void *x, bool x_bf16, int64_t M, int64_t K, int64_t Kp, uint16_t *packed,
-                              int64_t p_begin, int64_t p_end) {
+PIXART_AMX void PackRowPanels(const void *x, bool x_bf16, int64_t M, int64_t K, int64_t ldx, int64_t Kp,
+                              uint16_t *packed, int64_t p_begin, int64_t p_end) {
   const int64_t chunks = Kp / 32;
     for (int64_t p = p_begin; p < p_end; ++p)
       for (int64_t c = 0; c < chunks; ++c) {
@@ -453,9 +453,9 @@ PIXART_AMX void PackRowPanels(const void *x, bool x_bf16, int64_t M, int64_t K, 
           if (m >= M) {
             rows[j] = _mm512_setzero_si512();
           } else if (x_bf16) {
-            rows[j] = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t *>(x) + m * K + k0);
+            rows[j] = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t *>(x) + m * ldx + k0);
           } else {
-            const float *row = static_cast<const float *>(x) + m * K + k0;
+            const float *row = static_cast<const float *>(x) + m * ldx + k0;
             const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), row);
             const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), row + 16);
             rows[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
@@ -470,30 +470,37 @@ PIXART_AMX void PackRowPanels(const void *x, bool x_bf16, int64_t M, int64_t K, 
 void PackRowsAsPanels(const void *x, bool x_bf16, int64_t M, int64_t K, int64_t Kp, uint16_t *packed) {
   const int64_t panels = (M + 15) / 16;
   Pool().parallel_for(static_cast<int>(std::min<int64_t>(panels, Pool().get_num_threads())), [&](int part, int parts) {
-    PackRowPanels(x, x_bf16, M, K, Kp, packed, panels * part / parts, panels * (part + 1) / parts);
+    PackRowPanels(x, x_bf16, M, K, K, Kp, packed, panels * part / parts, panels * (part + 1) / parts);
   });
 }
 
-// Packs B (K, width) bf16 row-major (row stride ldb) for C = A · B: panel p holds columns 16p..16p+15.
-PIXART_AMX void PackColumnPanels(const uint16_t *b, int64_t ldb, int64_t K, int64_t width, int64_t Kp,
-                                 uint16_t *packed, int64_t p_begin, int64_t p_end) {
+// 16 values of a row as bf16 in the low halves of 32-bit lanes (zeros where mask is off): bf16 as is,
+// fp32 rounded to nearest even.
+PIXART_AMX inline __m512i WidenBf16(__mmask16 mask, const uint16_t *row) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row));
+}
+PIXART_AMX inline __m512i WidenBf16(__mmask16 mask, const float *row) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, row)));
+}
+
+// Packs B (K, width) bf16 or fp32 (rounded), row stride ldb, for C = A · B: panel p holds columns 16p..16p+15.
+template <typename T>
+PIXART_AMX void PackColumnPanels(const T *b, int64_t ldb, int64_t K, int64_t width, int64_t Kp, uint16_t *packed,
+                                 int64_t p_begin, int64_t p_end) {
   const int64_t chunks = Kp / 32;
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const int64_t valid = std::min<int64_t>(16, width - p * 16);
-      const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
-      for (int64_t c = 0; c < chunks; ++c) {
-        uint16_t *tile = packed + (p * chunks + c) * 512;
-        for (int r = 0; r < 16; ++r) {
-          const int64_t k = c * 32 + 2 * r;
-          const __m512i even = k < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + k * ldb + p * 16))
-                                     : _mm512_setzero_si512();
-          const __m512i odd = k + 1 < K
-                                  ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + (k + 1) * ldb + p * 16))
-                                  : _mm512_setzero_si512();
-          _mm512_store_si512(tile + r * 32, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
-        }
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const int64_t valid = std::min<int64_t>(16, width - p * 16);
+    const __mmask16 mask = valid >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint16_t *tile = packed + (p * chunks + c) * 512;
+      for (int r = 0; r < 16; ++r) {
+        const int64_t k = c * 32 + 2 * r;
+        const __m512i even = k < K ? WidenBf16(mask, b + k * ldb + p * 16) : _mm512_setzero_si512();
+        const __m512i odd = k + 1 < K ? WidenBf16(mask, b + (k + 1) * ldb + p * 16) : _mm512_setzero_si512();
+        _mm512_store_si512(tile + r * 32, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
       }
     }
+  }
 }
 
 void PackColumnsAsPanels(const uint16_t *b, int64_t ldb, int64_t K, int64_t width, int64_t Kp, uint16_t *packed) {
@@ -669,6 +676,70 @@ void AmxGemmNN(const uint16_t *w, const uint16_t *cols, float *c, int64_t O, int
   AmxGemm(a, lda, rows, packed, panels, Kp, RowsStore{c, O, width, ldc});
 }
 
+// softmax(s·scale + bias) of one row of S scores (s is overwritten), as bf16 into p, zeros from S to Sp.
+PIXART_AMX void SoftmaxRowToBf16(float *s, int64_t S, int64_t Sp, float scale, const float *bias, uint16_t *p) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < S; j += 16) {
+    const __mmask16 mask = S - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (S - j)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), vscale);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
+    _mm512_mask_storeu_ps(s + j, mask, v);
+    vmax = _mm512_mask_max_ps(vmax, mask, vmax, v);
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S; j += 16) {
+    const __mmask16 mask = S - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (S - j)) - 1);
+    const __m512 e = Exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), m));
+    _mm512_mask_storeu_ps(s + j, mask, e);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mask, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  for (int64_t j = 0; j < Sp; j += 16) {
+    const __mmask16 mask = S - j >= 16 ? __mmask16(0xFFFF) : S > j ? static_cast<__mmask16>((1u << (S - j)) - 1) : 0;
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), inv);
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + j), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+thread_local std::vector<uint16_t> tls_attn_k, tls_attn_v, tls_attn_q, tls_attn_p;
+thread_local std::vector<float> tls_attn_scores;
+
+// One head of attention on the tile unit, bf16 operands and fp32 sums (what torch's bf16 attention
+// computes): q (T, ·), k and v (S, ·) fp32 with row stride C, the head's d columns; bias (S) or null;
+// out (T, ·) the same layout. Kᵀ and V are packed once, then per block of query rows: scores = q·kᵀ
+// (tiles), softmax in fp32 to bf16 probabilities, out = P·V (tiles).
+PIXART_AMX void Bf16AttentionHead(const float *q, const float *k, const float *v, const float *bias, float *out,
+                                  int64_t T, int64_t S, int64_t C, int64_t d, float scale) {
+  const int64_t dp = (d + 31) / 32 * 32, Sp = (S + 31) / 32 * 32;
+  const int64_t key_panels = (S + 15) / 16, value_panels = (d + 15) / 16;
+  uint16_t *kp = AlignedBuffer(tls_attn_k, key_panels * dp * 16);
+  uint16_t *vp = AlignedBuffer(tls_attn_v, value_panels * Sp * 16);
+  PackRowPanels(k, false, S, d, C, dp, kp, 0, key_panels);
+  PackColumnPanels(v, C, S, d, Sp, vp, 0, value_panels);
+  // query rows per block: scores of at most 128 Ki floats (512 KiB), a multiple of 16
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>((T + 15) / 16 * 16, 131072 / Sp / 16 * 16));
+  uint16_t *qa = AlignedBuffer(tls_attn_q, block * dp), *pa = AlignedBuffer(tls_attn_p, block * Sp);
+  if (tls_attn_scores.size() < static_cast<size_t>(block * Sp)) tls_attn_scores.resize(static_cast<size_t>(block * Sp));
+  float *scores = tls_attn_scores.data();
+  for (int64_t t0 = 0; t0 < T; t0 += block) {
+    const int64_t rows = std::min(block, T - t0), padded = (rows + 15) / 16 * 16;
+    for (int64_t r = 0; r < padded; ++r)
+      for (int64_t j = 0; j < dp; j += 16) {
+        const int64_t n = r < rows ? std::min<int64_t>(16, std::max<int64_t>(0, d - j)) : 0;
+        const __mmask16 mask = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+        const __m512 x = _mm512_maskz_loadu_ps(mask, q + (t0 + r) * C + j);
+        _mm256_store_si256(reinterpret_cast<__m256i *>(qa + r * dp + j), (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    AmxGemmPart(qa, dp, padded, kp, dp / 32, 0, (padded + 31) / 32, 0, key_panels, RowsStore{scores, rows, S, Sp});
+    for (int64_t r = 0; r < rows; ++r) SoftmaxRowToBf16(scores + r * Sp, S, Sp, scale, bias, pa + r * Sp);
+    std::memset(pa + rows * Sp, 0, sizeof(uint16_t) * (padded - rows) * Sp);
+    AmxGemmPart(pa, Sp, padded, vp, Sp / 32, 0, (padded + 31) / 32, 0, value_panels,
+                RowsStore{out + t0 * C, rows, d, C});
+  }
+}
+
 #else
 bool AmxReady() { return false; }
 #endif
@@ -791,6 +862,9 @@ extern "C" int Bf16ToF32(int nparam, void **params, int *ndims, int64_t **shapes
   });
   return 0;
 }
+
+// 1 when the bf16 GEMMs and the bf16 attention run on the AMX tile unit here, else 0.
+extern "C" int pixart_amx_ready() { return AmxReady() ? 1 : 0; }
 
 // 0 when the GEMM runs here and gives the exact answer on a small case (all products and sums are
 // exact in fp32), else oneDNN's status (e.g. unimplemented on a CPU without bf16 support) or -1.
@@ -1290,7 +1364,8 @@ void SoftmaxRows(float *p, int64_t rows, int64_t S, float scale, const float *bi
   }
 }
 
-int AttentionKernel(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias) {
+int AttentionKernel(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool has_bias,
+                    bool bf16 = false) {
   const int expected = has_bias ? 6 : 5;
   if (nparam != expected || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3) return 1;
   for (int i = 0; i < nparam; ++i)
@@ -1314,6 +1389,18 @@ int AttentionKernel(int nparam, void **params, int *ndims, int64_t **shapes, con
     return 0;
   }
   const int64_t d = C / H;
+#ifdef PIXART_HAS_AMX
+  if (bf16 && AmxReady()) {  // a task per head: its K and V are packed once
+    Pool().parallel_for(static_cast<int>(std::min<int64_t>(Pool().get_num_threads(), N * H)), [&](int part, int n) {
+      for (int64_t task = N * H * part / n; task < N * H * (part + 1) / n; ++task) {
+        const int64_t b = task / H, h = task % H;
+        Bf16AttentionHead(q + b * T * C + h * d, k + b * S * C + h * d, v + b * S * C + h * d,
+                          bias ? bias + b * S : nullptr, out + b * T * C + h * d, T, S, C, d, scale);
+      }
+    });
+    return 0;
+  }
+#endif
   // query rows per task: scores of at most 128 Ki floats (512 KiB); XL-2 at 512² (S = 1024): 128 rows
   // at 103 GFLOP/s, against 60-88 with 32 rows
   const int64_t block = std::max<int64_t>(8, std::min<int64_t>(T, 131072 / S));
@@ -1362,4 +1449,21 @@ extern "C" int AttentionBias(int nparam, void **params, int *ndims, int64_t **sh
   (void)stream;
   (void)extra;
   return AttentionKernel(nparam, params, ndims, shapes, dtypes, true);
+}
+
+// As Attention, with bf16 operands and fp32 sums on CPUs with AMX (the fp32 kernel elsewhere): the
+// attention of the bf16-GEMM models.
+extern "C" int Bf16Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return AttentionKernel(nparam, params, ndims, shapes, dtypes, false, true);
+}
+
+// As AttentionBias, with bf16 operands as Bf16Attention.
+extern "C" int Bf16AttentionBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return AttentionKernel(nparam, params, ndims, shapes, dtypes, true, true);
 }

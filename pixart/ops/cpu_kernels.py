@@ -170,6 +170,15 @@ def bf16_gemm_library():
     return path
 
 
+def amx_ready():
+    """Whether the bf16 GEMMs and the bf16 attention run on the AMX tile unit here (Intel Sapphire Rapids
+    and later, Linux 5.16+; ``PIXART_AMX=0`` turns it off); False where the kernels cannot be built."""
+    try:
+        return bool(ctypes.CDLL(kernel_library()).pixart_amx_ready())
+    except KernelUnavailable:
+        return False
+
+
 def native_bf16():
     """Whether this CPU has bf16 instructions (AVX512-BF16; AMX-BF16 CPUs have it too)."""
     return bool(_cpu_flags() & set(_CPU_BF16_FLAGS))
@@ -256,25 +265,27 @@ def f32_matmul_op():
                       out_dtype=lambda x, w: ms.float32, func_type="aot")
 
 
-def attention_op(key_bias):
+def attention_op(key_bias, bf16=False):
     """ops.Custom: (q (N, T, H·d), k (N, S, H·d), v (N, S, H·d)[, key_bias (N, S)], config (H) = the
-    scale) fp32 -> softmax(q kᵀ·scale (+ key_bias)) v per head, (N, T, H·d)."""
-    name = "AttentionBias" if key_bias else "Attention"
+    scale) fp32 -> softmax(q kᵀ·scale (+ key_bias)) v per head, (N, T, H·d). With ``bf16`` the two
+    products take bf16 operands (fp32 sums) on CPUs with AMX, as torch's bf16 attention."""
+    name = ("Bf16" if bf16 else "") + ("AttentionBias" if key_bias else "Attention")
     return ops.Custom(f"{kernel_library()}:{name}", out_shape=lambda q, *rest: q,
                       out_dtype=lambda *args: ms.float32, func_type="aot")
 
 
-# (without, with a key bias): made by use_fused_attention, read by fused_attention inside graphs
-ATTENTION_OPS = None
+# {(key bias?, bf16?): op}: made by use_fused_attention, read by fused_attention inside graphs
+ATTENTION_OPS = {}
 
 
-def fused_attention(q, k, v, key_bias, num_heads, scale):
-    """The ``"cpu"`` attention backend (``pixart.models.attention``): q (N, T, H·d), k/v (N, S, H·d),
-    key_bias (N, S) or None, fp32 -> (N, T, H·d). Needs ``use_fused_attention`` to have run."""
+def fused_attention(q, k, v, key_bias, num_heads, scale, bf16=False):
+    """The ``"cpu"`` / ``"cpu-bf16"`` attention backends (``pixart.models.attention``): q (N, T, H·d),
+    k/v (N, S, H·d), key_bias (N, S) or None, fp32 -> (N, T, H·d). Needs ``use_fused_attention``."""
     config = ops.full((num_heads,), scale, dtype=ms.float32)  # its length tells the kernel the head count
     if key_bias is None:
-        return ATTENTION_OPS[0](q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), config)
-    return ATTENTION_OPS[1](q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), key_bias, config)
+        return ATTENTION_OPS[False, bf16](q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), config)
+    return ATTENTION_OPS[True, bf16](q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), key_bias,
+                                     config)
 
 
 def bf16_to_fp32_op():
@@ -636,32 +647,35 @@ def fused_linear_layers(model):
 
 def use_fused_attention(model):
     """Switch the self- and cross-attention of ``model`` (a DiT, a ControlNet branch) from the math
-    backend to the fused CPU kernel (``"cpu"``: no (N, H, T, S) scores in memory, no transposes
-    into and out of heads), in place. For fp32 DiTs on CPU, inference only (no gradient).
+    backend to the fused CPU kernel (no (N, H, T, S) scores in memory, no transposes into and out of
+    heads), in place: ``"cpu"`` (fp32), or ``"cpu-bf16"`` when ``model`` has bf16 GEMM layers
+    (``use_bf16_gemm`` first): bf16 operands on CPUs with AMX. For fp32 DiTs on CPU, inference only
+    (no gradient).
 
     Returns the number switched; 0 (one warning line, model unchanged) when the kernel cannot be
     built here.
     """
-    global ATTENTION_OPS
     from pixart.models.pixart import CrossAttention, SelfAttention
 
     if not _available(kernel_library, "fused attention kernel"):
         return 0
-    if ATTENTION_OPS is None:
-        ATTENTION_OPS = (attention_op(False), attention_op(True))
+    bf16 = bf16_gemm_layers(model) > 0
+    for key_bias in (False, True):
+        if (key_bias, bf16) not in ATTENTION_OPS:
+            ATTENTION_OPS[key_bias, bf16] = attention_op(key_bias, bf16)
     switched = 0
     for _, cell in model.cells_and_names():
         if isinstance(cell, (SelfAttention, CrossAttention)) and cell.backend == "math":
-            cell.backend = "cpu"
+            cell.backend = "cpu-bf16" if bf16 else "cpu"
             switched += 1
     return switched
 
 
 def fused_attention_layers(model):
-    """How many of ``model``'s attention layers run the fused CPU kernel."""
+    """How many of ``model``'s attention layers run the fused CPU kernel (fp32 or bf16)."""
     from pixart.models.pixart import CrossAttention, SelfAttention
 
-    return sum(isinstance(cell, (SelfAttention, CrossAttention)) and cell.backend == "cpu"
+    return sum(isinstance(cell, (SelfAttention, CrossAttention)) and cell.backend in ("cpu", "cpu-bf16")
                for _, cell in model.cells_and_names())
 
 

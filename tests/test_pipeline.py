@@ -120,6 +120,19 @@ def test_caption_kv_projected_once_per_generation_not_per_step(sigma_folder, mon
         assert {shape[0] for shape in calls} == {2}
 
 
+def test_a_new_prompt_reuses_the_compiled_denoiser(sigma_folder):
+    """Graph mode: the caption K/V go into the graph as inputs (mutable), not as constants that a new
+    prompt would change, so a second image of the same size runs the graph the first one compiled."""
+    pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder), mode="graph")
+    embeds = pipe.encode_prompt(PROMPTS, "")  # first: encoding releases the denoiser (low_memory)
+    for k in range(2):
+        pipe(prompt_embeds=embeds[0][k:k + 1], prompt_attention_mask=embeds[1][k:k + 1],
+             negative_prompt_embeds=embeds[2][k:k + 1], negative_prompt_attention_mask=embeds[3][k:k + 1],
+             num_inference_steps=2, height=64, width=64, output_type="latent", progress=False,
+             use_resolution_binning=False)
+        assert len(pipe.transformer.compile_cache) == 1
+
+
 @pytest.mark.parametrize("sampler", ["dpm", "sa-solver", "ddim", "iddpm"])
 def test_every_sampler_runs_and_is_deterministic(sigma_folder, sampler):
     pipe = PixArtSigmaPipeline.from_pretrained(str(sigma_folder), sampler=sampler)

@@ -75,5 +75,9 @@ def share_compiled_graph(cells):
     right before the graph compiles. Results are bitwise those of separately compiled cells.
     """
     for cell in cells:
-        cell.cell_init_args = f"lazy_inline_{type(cell).__name__}_{structure_key(cell)}"
-        cell.no_inline = False
+        key = f"lazy_inline_{type(cell).__name__}_{structure_key(cell)}"
+        # only when it changes: setting a Cell attribute, even to its value, makes the next graph-mode
+        # call compile again (every pipeline call paid a 256² step's compile, ~4 s, before this)
+        if getattr(cell, "cell_init_args", None) != key or getattr(cell, "no_inline", None) is not False:
+            cell.cell_init_args = key
+            cell.no_inline = False

@@ -576,7 +576,8 @@ class ImageRows:
         for pick in self.picks:
             y_k, mask_k, resolution_k, aspect_k, control_k = (self._take(v, pick)
                                                               for v in (y, mask, resolution, aspect, control))
-            self.inputs.append((model.text_context(y_k), mask_k, resolution_k, aspect_k, control_k))
+            # mutable: a graph input, not a constant baked into the graph (a new prompt would recompile it)
+            self.inputs.append((ms.mutable(model.text_context(y_k)), mask_k, resolution_k, aspect_k, control_k))
         self.order = ms.Tensor(np.argsort(np.concatenate(self.groups)).astype(np.int32))
 
     def _take(self, v, pick):

@@ -5,9 +5,10 @@
 // MindSpore 2.7 has no CPU bf16 MatMul, its CPU bf16 -> fp32 Cast runs at a fraction of memory
 // speed, and its CPU LayerNorm / broadcasting ops cost more than the GEMMs around them:
 //   * Bf16MatMul: y (M, N) fp32 = x (M, K) · w (N, K)ᵀ with x fp32 (rounded to bf16 here, round to
-//     nearest even like torch) or bf16, w bf16, fp32 accumulation. The GEMM is oneDNN's
-//     gemm_bf16bf16f32 from the libdnnl.so.2 that ships inside MindSpore (its AVX512-BF16 / AMX
-//     kernels), so nothing beyond MindSpore and a C++ compiler is needed. On a CPU without
+//     nearest even like torch) or bf16, w bf16, fp32 accumulation. On CPUs with AMX the GEMM runs on
+//     the tile unit (the AMX section below); else it is oneDNN's gemm_bf16bf16f32 from the
+//     libdnnl.so.2 that ships inside MindSpore (its AVX512-BF16 kernels), so nothing beyond
+//     MindSpore and a C++ compiler is needed. On a CPU without
 //     AVX512-BF16 the same products are computed exactly by oneDNN's sgemm on fp32 copies of the
 //     bf16 operands (every bf16·bf16 product is exact in fp32): the same results up to the
 //     summation order, slower than plain fp32 (the Python side uses it only when asked).

@@ -14,8 +14,10 @@ around them. ``cpu_kernels.cc`` fills those gaps:
     attention(q, k, v (N, L, H·d)[, key_bias (N, S)])         softmax(q kᵀ·scale + bias) v per head, fp32
     f32_conv2d(x (N, C, H, W), w (O, C, k, k), b (O))         the convolution, im2col + sgemm, fp32
 
-The GEMM is oneDNN's ``gemm_bf16bf16f32`` from the ``libdnnl.so.2`` that ships inside MindSpore,
-so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
+On CPUs with AMX-BF16 (Intel Sapphire Rapids and later; ``amx_ready()``) the bf16 GEMMs, and the
+``"cpu-bf16"`` attention of bf16-GEMM models, run on the AMX tile unit (~1-1.9 TFLOP/s on 2 cores,
+``benchmarks/bench_bf16_gemm.py``). Elsewhere the GEMM is oneDNN's ``gemm_bf16bf16f32`` from the
+``libdnnl.so.2`` that ships inside MindSpore, so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
 MindSpore / compiler version into ``$PIXART_CACHE_DIR`` (default ``~/.cache/pixart``) and checked
 by a self-test; without a compiler or libdnnl the callers warn once and keep the fp32 MindSpore path.
 

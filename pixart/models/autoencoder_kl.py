@@ -142,11 +142,21 @@ def _as_dtype(dtype):
 # ----------------------------------------------------------------------------- building blocks
 
 
+# "zeros" while from_pretrained builds a model whose weights it then loads: MindSpore's default
+# random initialisers cost ~1 s for the SDXL VAE on CPU, for values that are overwritten.
+_WEIGHT_INIT = {}
+
+
 def _conv(cin, cout, kernel, stride=1, padding=0):
     """A torch-like Conv2d with bias: weight (cout, cin, k, k), bias (cout,)."""
     if padding:
-        return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding, has_bias=True)
-    return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="valid", has_bias=True)
+        return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding, has_bias=True,
+                         **_WEIGHT_INIT)
+    return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="valid", has_bias=True, **_WEIGHT_INIT)
+
+
+def _dense(cin, cout):
+    return nn.Dense(cin, cout, **_WEIGHT_INIT)
 
 
 class GroupNorm(nn.Cell):
@@ -231,10 +241,10 @@ class AttentionBlock(nn.Cell):
     def __init__(self, channels, groups, eps=1e-6, max_scores=2 ** 26):
         super().__init__()
         self.group_norm = GroupNorm(groups, channels, eps)
-        self.to_q = nn.Dense(channels, channels)
-        self.to_k = nn.Dense(channels, channels)
-        self.to_v = nn.Dense(channels, channels)
-        self.to_out = nn.CellList([nn.Dense(channels, channels)])
+        self.to_q = _dense(channels, channels)
+        self.to_k = _dense(channels, channels)
+        self.to_v = _dense(channels, channels)
+        self.to_out = nn.CellList([_dense(channels, channels)])
         self.max_scores = max_scores  # score entries per chunk: 2**26 fp32 = 256 MiB
 
     def construct(self, x):
@@ -474,7 +484,11 @@ class AutoencoderKL(nn.Cell):
             cfg = VAEConfig.from_dict(raw, source=config_path)
         except ConfigError as err:
             raise ConfigError(f"{err}; {WEIGHTS_HINT}") from None
-        model = cls(cfg, dtype=dtype)
+        _WEIGHT_INIT.update(weight_init="zeros", bias_init="zeros")  # every parameter is loaded below
+        try:
+            model = cls(cfg, dtype=dtype)
+        finally:
+            _WEIGHT_INIT.clear()
 
         weights = next((os.path.join(folder, n) for n in WEIGHT_NAMES
                         if os.path.isfile(os.path.join(folder, n))), None)

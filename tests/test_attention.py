@@ -91,7 +91,8 @@ def test_cpu_bf16_backend_is_bf16_attention_on_amx_and_fp32_elsewhere(monkeypatc
     if not cpu_kernels.amx_ready():
         ref = F.scaled_dot_product_attention(*(torch.from_numpy(x) for x in (q, k, v)),
                                              attn_mask=torch.from_numpy(mask).bool()[:, None, None, :] if masked else None)
-        np.testing.assert_allclose(out, _token_major(ref.numpy()), atol=2e-6, rtol=0)
+        ref = _token_major(ref.numpy())  # the fp32 kernel's 2e-6 of unit-scale outputs, relative here
+        assert np.abs(out - ref).max() < 2e-6 * np.abs(ref).max()
         return
     def bf16(x):
         return torch.from_numpy(x).bfloat16().double()

@@ -762,8 +762,10 @@ PIXART_AMX void Bf16AttentionHead(const float *q, const float *k, const float *v
   }
 }
 
-#else
+#else  // a compiler without AMX intrinsics: oneDNN's GEMM everywhere (these are never called)
 bool AmxReady() { return false; }
+void AmxLinear(const void *, bool, const uint16_t *, const float *, bool, float *, int64_t, int64_t, int64_t) {}
+void AmxGemmNN(const uint16_t *, const uint16_t *, float *, int64_t, int64_t, int64_t, int64_t) {}
 #endif
 
 }  // namespace

@@ -17,9 +17,9 @@ around them. ``cpu_kernels.cc`` fills those gaps:
 On CPUs with AMX-BF16 (Intel Sapphire Rapids and later; ``amx_ready()``) the bf16 GEMMs, and the
 ``"cpu-bf16"`` attention of bf16-GEMM models, run on the AMX tile unit (~1-1.9 TFLOP/s on 2 cores,
 ``benchmarks/bench_bf16_gemm.py``). Elsewhere the GEMM is oneDNN's ``gemm_bf16bf16f32`` from the
-``libdnnl.so.2`` that ships inside MindSpore, so it needs only a C++ compiler (``$CXX``, default g++). The library is compiled once per source /
-MindSpore / compiler version into ``$PIXART_CACHE_DIR`` (default ``~/.cache/pixart``) and checked
-by a self-test; without a compiler or libdnnl the callers warn once and keep the fp32 MindSpore path.
+``libdnnl.so.2`` that ships inside MindSpore, so it needs only a C++ compiler (``$CXX``, default g++).
+The library is compiled once per source / MindSpore / compiler version into ``$PIXART_CACHE_DIR``
+(default ``~/.cache/pixart``) and checked by a self-test; without a compiler or libdnnl the callers warn once and keep the fp32 MindSpore path.
 
 On a CPU without AVX512-BF16 (e.g. AVX2-only x86) the kernel computes the same products exactly
 with oneDNN's fp32 sgemm on fp32 copies of the bf16 operands: the same results up to summation
@@ -335,7 +335,7 @@ def group_norm_op():
 
 def _to_bf16(param):
     """The Parameter itself becomes bf16 (round to nearest even, as ml_dtypes): the kernel library's
-    cast on its threads (XL-2's linears 2.7 -> 0.6 s at load; ml_dtypes' cast was ~3x faster than
+    cast on its threads (XL-2's linears 2.7 -> 0.9 s at load; ml_dtypes' cast was ~3x faster than
     ``set_dtype``, and set_data would keep the fp32 dtype)."""
     if param.dtype == ms.bfloat16:
         return
